@@ -1,0 +1,2 @@
+"""jaxunlearn: machine unlearning for image classifiers in JAX/Flax."""
+__version__ = "0.1.0"

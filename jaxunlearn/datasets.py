@@ -1,0 +1,71 @@
+"""Data sets as host arrays: uint8 images (N, H, W, C) and int32 labels.
+
+Images stay uint8 at their stored size; `preprocess` (run inside the jitted
+steps) resizes and normalises them, so the device holds the compact form.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  train_images: np.ndarray  # (N, H, W, C) uint8
+  train_labels: np.ndarray  # (N,) int32
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+  # Value of a white pixel in the stored images (255 for 8-bit, 16 for digits).
+  pixel_max: float
+  class_names: tuple[str, ...]
+
+  def __post_init__(self):
+    for split in ("train", "test"):
+      images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+      if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"{split} images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+      if labels.shape != images.shape[:1]:
+        raise ValueError(f"{split} labels {labels.shape} do not match images {images.shape}")
+
+
+# name -> number of classes, known before loading (used to validate configs early).
+NUM_CLASSES = {"digits": 10, "cifar10": 10}
+
+
+def load_digits(test_size: float, split_seed: int) -> Dataset:
+  """scikit-learn's 8x8 digits (ships with scikit-learn), stratified train/test split."""
+  from sklearn import datasets as skd
+  from sklearn.model_selection import train_test_split
+  d = skd.load_digits()
+  images = d.images.astype(np.uint8)[..., None]  # values 0..16
+  xtr, xte, ytr, yte = train_test_split(images, d.target.astype(np.int32), test_size=test_size,
+                                        stratify=d.target, random_state=split_seed)
+  return Dataset(xtr, ytr, xte, yte, num_classes=10, pixel_max=16.0,
+                 class_names=tuple(str(i) for i in range(10)))
+
+
+def load(data_config) -> Dataset:
+  if data_config.name == "digits":
+    return load_digits(data_config.test_size, data_config.split_seed)
+  if data_config.name == "cifar10":
+    from jaxunlearn import tfds_data  # lazy: tfds is optional
+    return tfds_data.load_cifar10(data_config)
+  raise ValueError(f"config.data.name: unknown data set {data_config.name!r}; "
+                   f"allowed: {', '.join(NUM_CLASSES)}")
+
+
+def preprocess(images_BxHxWxC: jax.Array, pixel_max: float, image_size: int,
+               mean: float = 0.5, std: float = 0.5) -> jax.Array:
+  """uint8 images -> float32 model input: bilinear resize, scale to [0, 1], normalise.
+
+  Matches the study's torchvision pipeline (Resize bilinear, ToTensor, Normalize(0.5, 0.5)).
+  """
+  x = images_BxHxWxC.astype(jnp.float32) / pixel_max
+  B, H, W, C = x.shape
+  if (H, W) != (image_size, image_size):
+    x = jax.image.resize(x, (B, image_size, image_size, C), method="bilinear")
+  return (x - mean) / std

@@ -1,0 +1,26 @@
+"""Runs the study: `python -m jaxunlearn.main --config configs/digits.py --workdir /tmp/run`.
+
+Any config field can be overridden, e.g. `--config.forget_class=3 --config.seed=1`.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxunlearn import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FloatingPointError) as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  app.run(main)

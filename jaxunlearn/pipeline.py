@@ -1,0 +1,178 @@
+"""The study end to end: train Original and Gold, unlearn, evaluate, report.
+
+`train_and_evaluate(config, workdir)` is the one function `main.py` calls; it can
+equally be driven from a notebook. Each stage is checkpointed in the workdir and
+reused when the same command runs again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxunlearn import checkpoints, config as config_lib, datasets, evaluate, methods
+from jaxunlearn import model as model_lib, objectives, report, train
+
+# Fields that change how fast a run goes or what it shows, not what it computes.
+_NON_RESULT_FIELDS = ("progress", "steps_per_chunk", "eval.batch_size")
+
+DISPLAY_NAMES = {"original": "Original", "gold": "Gold Standard"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Checks the workdir is writable and holds no run of a different config; records this one."""
+  config_dict = json.loads(config.to_json())
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    report.atomic_write(os.path.join(workdir, ".write_test"), "")
+    os.remove(os.path.join(workdir, ".write_test"))
+  except OSError as e:
+    raise ValueError(f"--workdir: cannot write to {workdir!r} ({e.strerror}); "
+                     "choose a writable folder") from None
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = _flat(json.load(f))
+    new = _flat(config_dict)
+    diff = sorted(k for k in old.keys() | new.keys()
+                  if k not in _NON_RESULT_FIELDS and old.get(k) != new.get(k))
+    if diff:
+      k = diff[0]
+      raise ValueError(f"--workdir {workdir!r} holds a run with a different config "
+                       f"({', '.join(diff)}; e.g. {k}: {old.get(k)!r} there, {new.get(k)!r} now); "
+                       "use a new --workdir to keep both")
+  else:
+    report.atomic_write(path, json.dumps(config_dict, indent=2))
+  return config_dict
+
+
+def build_model(config, data: datasets.Dataset, rng):
+  """The ViT and its initial parameters: pretrained (head re-initialised) or random."""
+  if config.model.init:
+    from jaxunlearn import weights
+    kwargs, params = weights.load_pretrained(config.model.init, num_classes=data.num_classes,
+                                             rng=rng, image_size=config.model.image_size)
+    return model_lib.ViT(**kwargs), params
+  vit = model_lib.create(config.model, data.num_classes)
+  return vit, model_lib.init_params(vit, rng, data.train_images.shape[-1])
+
+
+def _stage(trainer, workdir, name, params, phases, rng, abstract, learning_rate):
+  """Runs (or restores) one training/unlearning stage; returns (params, seconds)."""
+  restored = checkpoints.restore(workdir, name, abstract)
+  if restored is not None:
+    logging.info("%s: restored from %s", name, workdir)
+    return restored[0], restored[1]["seconds"]
+  t0 = time.perf_counter()
+  params, log = trainer.run(params, phases, rng, desc=name, learning_rate=learning_rate)
+  params = jax.block_until_ready(params)
+  seconds = time.perf_counter() - t0
+  checkpoints.save(workdir, name, len(log["loss"]), params,
+                   {"seconds": seconds, "loss": log["loss"]})
+  return params, seconds
+
+
+def _evaluate(trainer, workdir, name, params, data, forget_class, gold_test_probs, tsne_idx):
+  """Metrics of one model (cached in workdir/eval), its test probabilities and t-SNE features."""
+  path = os.path.join(workdir, "eval", name)
+  if os.path.exists(path + ".json") and os.path.exists(path + ".npz"):
+    with open(path + ".json") as f:
+      summary = json.load(f)
+    with np.load(path + ".npz", allow_pickle=False) as z:
+      return summary, z["test_probs"], z["tsne_features"]
+  train_probs, train_feats = trainer.predict(params, "train")
+  test_probs, _ = trainer.predict(params, "test")
+  gold = test_probs if gold_test_probs is None else gold_test_probs
+  summary = evaluate.summarize(train_probs, trainer.train[1], test_probs, trainer.test[1],
+                               gold, forget_class=forget_class)
+  summary = {k: float(v) for k, v in jax.device_get(summary).items()}
+  test_probs = np.asarray(test_probs)
+  tsne_features = np.asarray(train_feats)[tsne_idx]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".npz.tmp", "wb") as f:
+    np.savez(f, test_probs=test_probs, tsne_features=tsne_features)
+  os.replace(path + ".npz.tmp", path + ".npz")
+  report.atomic_write(path + ".json", json.dumps(summary))
+  return summary, test_probs, tsne_features
+
+
+def _tsne(features: np.ndarray, config) -> np.ndarray:
+  from sklearn.manifold import TSNE
+  perplexity = min(config.tsne.perplexity, (len(features) - 1) / 3)
+  return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+              random_state=config.seed).fit_transform(features)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the whole study; returns the results dict also written to results.json."""
+  config_lib.validate(config)
+  config_dict = prepare_workdir(config, workdir)
+  data = datasets.load(config.data)
+  fc = config.forget_class
+  key = jax.random.key(config.seed)
+  vit, init_params = build_model(config, data, jax.random.fold_in(key, 0))
+  trainer = train.Trainer(
+      vit, data, fc, batch_size=config.batch_size,
+      momentum=config.optimizer.momentum, steps_per_chunk=config.steps_per_chunk,
+      eval_batch_size=config.eval.batch_size, progress=config.progress)
+  logging.info("%s: %d train (%d forget) / %d test examples; ViT with %s parameters; %d device(s)",
+               config.data.name, len(data.train_labels), int(np.sum(data.train_labels == fc)),
+               len(data.test_labels), f"{model_lib.num_params(init_params):,}", jax.device_count())
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated), init_params)
+
+  def supervised(pool):
+    return [train.Phase("train", objectives.cross_entropy,
+                        {"data": train.Stream(pool, epochs=config.train_epochs)})]
+
+  params, seconds = {}, {}
+  stages = [("original", supervised("all")), ("gold", supervised("retain"))]
+  for i, (name, phases) in enumerate(stages):
+    params[name], seconds[name] = _stage(trainer, workdir, name, init_params, phases,
+                                         jax.random.fold_in(key, 1 + i), abstract,
+                                         config.optimizer.learning_rate)
+  method_names = (config.methods,) if isinstance(config.methods, str) else tuple(config.methods)
+  for i, name in enumerate(method_names):
+    params[name], seconds[name] = _stage(
+        trainer, workdir, name, params["original"], methods.METHODS[name].phases(config),
+        jax.random.fold_in(key, 100 + i), abstract, config.optimizer.unlearn_learning_rate)
+
+  names = dict(DISPLAY_NAMES, **{m: methods.METHODS[m].DISPLAY_NAME for m in method_names})
+  tsne_idx = evaluate.tsne_indices(
+      data.train_labels, fc, batch_size=config.batch_size, num_retain=config.tsne.num_retain,
+      num_forget=config.tsne.num_forget, seed=config.seed)
+  results, feats = {}, {}
+  order = ["gold", "original", *method_names]  # gold first: the others are compared with it
+  gold_probs = None
+  for name in order:
+    results[name], test_probs, feats[name] = _evaluate(
+        trainer, workdir, name, params[name], data, fc, gold_probs, tsne_idx)
+    results[name]["seconds"] = seconds[name]
+    if name == "gold":
+      gold_probs = test_probs
+  results = {m: results[m] for m in ["original", "gold", *method_names]}
+
+  png = None
+  if len(tsne_idx):
+    is_forget = data.train_labels[tsne_idx] == fc
+    embeddings = {m: _tsne(feats[m], config) for m in results}
+    png = report.tsne_figure(embeddings, is_forget, names)
+  table = report.write(workdir, config_dict, results, names, png)
+  print(table)
+  return {"config": config_dict, "models": results}
