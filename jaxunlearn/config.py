@@ -6,9 +6,13 @@ with a one-line error that names it and what is allowed.
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 
 from jaxunlearn import datasets, model as model_lib
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -43,8 +47,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.mlp_dim = 128  # hidden units of each block's MLP
   c.model.layer_norm_eps = 1e-6
+  # Compute dtype: "float32" (matches the study) or "bfloat16" (parameters and
+  # optimizer state stay float32; softmax and logits are computed in float32).
+  c.model.dtype = "float32"
   # Pretrained weights to start from (safetensors file, folder or hub id), or
-  # None to train from a random initialisation. The head is always re-initialised.
+  # None to train from a random initialisation. With weights, the architecture
+  # (sizes, LayerNorm eps) is read from the source, and must equal `variant`
+  # when that is set; image_size still sets the input resolution (position
+  # embeddings are resized to it). The head is always re-initialised.
   c.model.init = ml_collections.FieldReference(None, field_type=str)
 
   c.optimizer = ml_collections.ConfigDict()
@@ -118,6 +128,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.model.variant and c.model.variant not in model_lib.VARIANTS:
     _fail("model.variant", f"unknown variant {c.model.variant!r}; allowed: \"\" or "
           f"{', '.join(model_lib.VARIANTS)}")
+  if c.model.dtype not in DTYPES:
+    _fail("model.dtype", f"unknown dtype {c.model.dtype!r}; allowed: {', '.join(DTYPES)}")
   if not c.model.init:
     sizes = model_lib.model_kwargs(c.model, num_classes)
     if sizes["image_size"] % sizes["patch_size"]:

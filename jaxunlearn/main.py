@@ -10,6 +10,11 @@ from jaxunlearn import pipeline
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and results.")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of input errors.")
+
+# Errors that mean bad input (config, workdir, data, weights): one line, no traceback.
+# FileNotFoundError and other OSErrors come from missing weights or data folders.
+_INPUT_ERRORS = (ValueError, FloatingPointError, OSError, RuntimeError)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -18,8 +23,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FloatingPointError) as e:
-    raise SystemExit(f"error: {e}") from None
+  except _INPUT_ERRORS as e:
+    if _TRACEBACK.value:
+      raise
+    raise SystemExit(f"error: {str(e).splitlines()[0]}  (--traceback for details)") from None
 
 
 if __name__ == "__main__":

@@ -64,13 +64,24 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def build_model(config, data: datasets.Dataset, rng):
   """The ViT and its initial parameters: pretrained (head re-initialised) or random."""
-  if config.model.init:
-    from jaxunlearn import weights
-    kwargs, params = weights.load_pretrained(config.model.init, num_classes=data.num_classes,
-                                             rng=rng, image_size=config.model.image_size)
-    return model_lib.ViT(**kwargs), params
-  vit = model_lib.create(config.model, data.num_classes)
-  return vit, model_lib.init_params(vit, rng, data.train_images.shape[-1])
+  dtype = config_lib.DTYPES[config.model.dtype]
+  if not config.model.init:
+    vit = model_lib.create(config.model, data.num_classes, dtype)
+    return vit, model_lib.init_params(vit, rng, data.train_images.shape[-1])
+  from jaxunlearn import weights
+  kwargs, params = weights.load_pretrained(config.model.init, num_classes=data.num_classes,
+                                           rng=rng, image_size=config.model.image_size)
+  if config.model.variant:
+    want = model_lib.VARIANTS[config.model.variant]
+    got = {k: kwargs[k] for k in want}
+    if got != want:
+      raise ValueError(f"config.model.variant: {config.model.variant} is {want}, but "
+                       f"{config.model.init} holds {got}; set variant to \"\" or match the weights")
+  channels = params["patch_embed"]["kernel"].shape[2]
+  if channels != data.train_images.shape[-1]:
+    raise ValueError(f"config.model.init: the weights take {channels}-channel images, "
+                     f"{config.data.name} has {data.train_images.shape[-1]}")
+  return model_lib.ViT(**kwargs, dtype=dtype), params
 
 
 def _stage(trainer, workdir, name, params, phases, rng, abstract, learning_rate):

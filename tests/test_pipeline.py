@@ -1,0 +1,147 @@
+"""The study end to end on a tiny config: files, schema, resuming, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxunlearn import config as config_lib, pipeline, report, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ("original", "gold", "finetune", "gradient_ascent", "two_stage")
+METRICS = ("forget_train_acc", "forget_test_acc", "retain_train_acc", "retain_test_acc",
+           "entropy_forget_test", "jsd_gold_forget_test", "seconds")
+
+
+def load_config(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_config():
+  c = load_config("digits")
+  c.model.patch_size, c.model.hidden_size, c.model.depth = 4, 16, 1
+  c.model.num_heads, c.model.mlp_dim = 2, 32
+  c.train_epochs, c.optimizer.learning_rate, c.unlearn_epochs = 10, 0.05, 1
+  c.tsne.num_forget, c.tsne.num_retain = 20, 20
+  c.progress = False
+  return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  return workdir, pipeline.train_and_evaluate(tiny_config(), workdir)
+
+
+def test_files_and_schema(run):
+  workdir, results = run
+  with open(os.path.join(workdir, "results.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk == json.loads(json.dumps(results))
+  assert on_disk["config"]["data"]["name"] == "digits"
+  assert tuple(on_disk["models"]) == MODELS
+  for m in MODELS:
+    for k in METRICS:
+      assert np.isfinite(on_disk["models"][m][k]), (m, k)
+    for k in METRICS[:4]:
+      assert 0 <= on_disk["models"][m][k] <= 100
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", m))
+  with open(os.path.join(workdir, "tsne.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(os.path.join(workdir, "results.csv")) as f:
+    rows = f.read().strip().splitlines()
+  assert rows[0].startswith("model,forget_train_acc,retain_test_acc") and len(rows) == 6
+  with open(os.path.join(workdir, "results.md")) as f:
+    md = f.read()
+  assert "| Gold Standard |" in md and "| 2-Stage |" in md
+
+
+def test_original_learns_and_gold_is_its_own_reference(run):
+  models = run[1]["models"]
+  assert models["original"]["forget_train_acc"] > 10  # better than chance on the forget class
+  assert models["gold"]["forget_test_acc"] == 0  # never saw the class: never predicts it
+  assert models["gold"]["jsd_gold_forget_test"] == pytest.approx(0, abs=1e-6)
+
+
+def test_rerun_reuses_every_stage(run, monkeypatch):
+  workdir, results = run
+
+  def no_training(*a, **k):
+    raise AssertionError("a finished stage was trained again")
+
+  monkeypatch.setattr(train.Trainer, "run", no_training)
+  monkeypatch.setattr(train.Trainer, "predict", no_training)
+  again = pipeline.train_and_evaluate(tiny_config(), workdir)
+  assert again == results
+
+
+def test_failed_run_keeps_earlier_results(run, monkeypatch):
+  workdir, _ = run
+  before = {f: open(os.path.join(workdir, f), "rb").read() for f in ("results.json", "results.md")}
+  c = tiny_config()
+  c.seed = 7
+  with pytest.raises(ValueError, match="different config.*seed"):
+    pipeline.train_and_evaluate(c, workdir)
+
+  def broken(*a, **k):
+    raise RuntimeError("disk full")
+
+  monkeypatch.setattr(report, "tsne_figure", broken)
+  with pytest.raises(RuntimeError, match="disk full"):
+    pipeline.train_and_evaluate(tiny_config(), workdir)
+  for f, data in before.items():
+    assert open(os.path.join(workdir, f), "rb").read() == data
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("methods", ("finetune", "forget_everything"), "config.methods: unknown method 'forget_everything'; allowed: finetune, gradient_ascent, two_stage"),
+    ("forget_class", 10, "config.forget_class: 10 is out of range; allowed: 0..9"),
+    ("forget_class", -1, "config.forget_class: -1 is out of range"),
+    ("batch_size", 0, "config.batch_size: must be a positive integer"),
+    ("train_epochs", -2, "config.train_epochs: must be a positive integer"),
+    ("unlearn_epochs", 0, "config.unlearn_epochs: must be a positive integer"),
+    ("data.name", "mnist", "config.data.name: unknown data set 'mnist'; allowed: digits, cifar10"),
+    ("model.variant", "Ti/32", "config.model.variant: unknown variant"),
+    ("optimizer.learning_rate", 0.0, "config.optimizer.learning_rate: must be positive"),
+    ("two_stage.temperature", -1.0, "config.two_stage.temperature: must be positive"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
+  c = tiny_config()
+  section, _, name = field.rpartition(".")
+  (c[section] if section else c)[name] = value
+  workdir = tmp_path / "w"
+  with pytest.raises(ValueError) as e:
+    pipeline.train_and_evaluate(c, str(workdir))
+  assert message in str(e.value) and "\n" not in str(e.value)
+  assert not workdir.exists()
+
+
+def test_unwritable_workdir(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="--workdir: cannot write to"):
+    pipeline.train_and_evaluate(tiny_config(), str(tmp_path / "file" / "run"))
+
+
+@pytest.mark.parametrize("name", ["digits", "cifar10_vit_tiny"])
+def test_configs_validate_and_are_locked(name):
+  c = load_config(name)
+  config_lib.validate(c)
+  c.lock()
+  with pytest.raises(AttributeError):
+    c.forget_clas = 1  # a typo in an override must fail, not add a field
+
+
+def test_cli_override_and_one_line_error(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxunlearn.main", "--config", os.path.join(ROOT, "configs/digits.py"),
+       "--workdir", str(tmp_path / "w"), "--config.forget_class=12"],
+      capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.forget_class: 12 is out of range; allowed: 0..9"), out.stderr
