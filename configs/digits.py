@@ -30,7 +30,7 @@ def get_config():
   c.model.image_size = 8
   c.model.patch_size = 2
   c.model.hidden_size = 64
-  c.model.depth = 4
+  c.model.depth = 2
   c.model.num_heads = 4
   c.model.mlp_dim = 128
   c.optimizer.learning_rate = 0.02

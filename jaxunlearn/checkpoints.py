@@ -1,41 +1,44 @@
-"""Orbax checkpoints of trained models: one CheckpointManager per model.
+"""Orbax checkpoints of every stage: one CheckpointManager per stage folder.
 
-A model's folder holds its parameters (StandardSave) and a JSON record of how it
-was made (wall time, loss curve). A stage whose checkpoint exists is restored
-instead of retrained, so rerunning a command on the same workdir resumes.
+A trained model's folder (`checkpoints/<model>`) holds its parameters
+(StandardSave) and a JSON record of how it was made (wall time, loss curve); an
+evaluation's folder (`eval/<model>`) holds its metrics (JSON) and arrays (test
+probabilities, t-SNE features). A stage whose checkpoint exists is restored
+instead of recomputed, so rerunning a command on the same workdir resumes.
 """
 from __future__ import annotations
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 
-def _manager(workdir: str, name: str) -> ocp.CheckpointManager:
-  path = os.path.abspath(os.path.join(workdir, "checkpoints", name))
-  return ocp.CheckpointManager(path, item_names=("params", "record"),
+def _manager(path: str, item_names) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(os.path.abspath(path), item_names=tuple(item_names),
                                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
 
-def save(workdir: str, name: str, step: int, params, record: dict) -> None:
-  with _manager(workdir, name) as mngr:
-    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                            record=ocp.args.JsonSave(record)))
+def save(path: str, step: int, *, arrays, record: dict, arrays_name: str = "params") -> None:
+  """Saves a pytree of arrays and a JSON-able record as one checkpoint step."""
+  with _manager(path, (arrays_name, "record")) as mngr:
+    mngr.save(step, args=ocp.args.Composite(**{arrays_name: ocp.args.StandardSave(arrays),
+                                               "record": ocp.args.JsonSave(record)}))
     mngr.wait_until_finished()
 
 
-def restore(workdir: str, name: str, abstract_params):
-  """(params, record) of a finished stage, or None when there is no checkpoint.
+def restore(path: str, abstract_arrays=None, arrays_name: str = "params"):
+  """(arrays, record) of a finished stage, or None when there is no checkpoint.
 
-  `abstract_params` (e.g. from jax.eval_shape) fixes structure, dtypes and shardings.
+  `abstract_arrays` (e.g. from jax.eval_shape, with shardings) fixes structure,
+  dtypes and placement; None restores as saved.
   """
-  if not os.path.isdir(os.path.join(workdir, "checkpoints", name)):
+  if not os.path.isdir(path):
     return None
-  with _manager(workdir, name) as mngr:
+  with _manager(path, (arrays_name, "record")) as mngr:
     step = mngr.latest_step()
     if step is None:
       return None
-    out = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params), record=ocp.args.JsonRestore()))
-  return out.params, out.record
+    out = mngr.restore(step, args=ocp.args.Composite(**{
+        arrays_name: ocp.args.StandardRestore(abstract_arrays),
+        "record": ocp.args.JsonRestore()}))
+  return out[arrays_name], out["record"]

@@ -23,7 +23,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.forget_class = 0
 
   c.data = ml_collections.ConfigDict()
-  # Data set: "digits" (scikit-learn, offline) or "cifar10" (tensorflow-datasets).
+  # Data set: "digits" (scikit-learn, offline), "cifar10" (tensorflow-datasets) or
+  # "synthetic" (random images and labels, for benchmarks and hardware checks).
   c.data.name = "digits"
   # digits only: fraction of examples held out as the test set (stratified).
   c.data.test_size = 0.25
@@ -35,6 +36,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
   # cifar10 only: prepare the data set when it is missing (needs TensorFlow + network).
   c.data.prepare = False
+
+  # synthetic only: sizes of the random data set (CIFAR-10's by default).
+  c.data.synthetic = ml_collections.ConfigDict(dict(num_train=50_000, num_test=10_000, image_size=32))
 
   c.model = ml_collections.ConfigDict()
   # Registered architecture ("Ti/16", ...), or "" to use the explicit sizes below.
@@ -91,6 +95,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.steps_per_chunk = 50
   # Show progress bars.
   c.progress = True
+  # Call jax.distributed.initialize() first (multi-host runs: one process per host,
+  # coordinator from the environment, e.g. on Cloud TPU or under SLURM).
+  c.distributed = False
   return c
 
 

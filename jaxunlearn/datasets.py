@@ -33,7 +33,7 @@ class Dataset:
 
 
 # name -> number of classes, known before loading (used to validate configs early).
-NUM_CLASSES = {"digits": 10, "cifar10": 10}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "synthetic": 10}
 
 
 def load_digits(test_size: float, split_seed: int) -> Dataset:
@@ -48,9 +48,24 @@ def load_digits(test_size: float, split_seed: int) -> Dataset:
                  class_names=tuple(str(i) for i in range(10)))
 
 
+def load_synthetic(num_train: int, num_test: int, image_size: int, seed: int = 0) -> Dataset:
+  """Random uint8 RGB images with random labels, shaped like CIFAR-10 by default.
+
+  For benchmarks and GPU checks of the whole pipeline without downloads.
+  """
+  r = np.random.default_rng(seed)
+  images = lambda n: r.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
+  labels = lambda n: r.integers(0, 10, n).astype(np.int32)
+  return Dataset(images(num_train), labels(num_train), images(num_test), labels(num_test),
+                 num_classes=10, pixel_max=255.0, class_names=tuple(str(i) for i in range(10)))
+
+
 def load(data_config) -> Dataset:
   if data_config.name == "digits":
     return load_digits(data_config.test_size, data_config.split_seed)
+  if data_config.name == "synthetic":
+    return load_synthetic(data_config.synthetic.num_train, data_config.synthetic.num_test,
+                          data_config.synthetic.image_size)
   if data_config.name == "cifar10":
     from jaxunlearn import tfds_data  # lazy: tfds is optional
     return tfds_data.load_cifar10(data_config)

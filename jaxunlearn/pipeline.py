@@ -57,7 +57,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise ValueError(f"--workdir {workdir!r} holds a run with a different config "
                        f"({', '.join(diff)}; e.g. {k}: {old.get(k)!r} there, {new.get(k)!r} now); "
                        "use a new --workdir to keep both")
-  else:
+  elif jax.process_index() == 0:  # multi-host: one writer
     report.atomic_write(path, json.dumps(config_dict, indent=2))
   return config_dict
 
@@ -86,7 +86,8 @@ def build_model(config, data: datasets.Dataset, rng):
 
 def _stage(trainer, workdir, name, params, phases, rng, abstract, learning_rate):
   """Runs (or restores) one training/unlearning stage; returns (params, seconds)."""
-  restored = checkpoints.restore(workdir, name, abstract)
+  path = os.path.join(workdir, "checkpoints", name)
+  restored = checkpoints.restore(path, abstract)
   if restored is not None:
     logging.info("%s: restored from %s", name, workdir)
     return restored[0], restored[1]["seconds"]
@@ -94,33 +95,28 @@ def _stage(trainer, workdir, name, params, phases, rng, abstract, learning_rate)
   params, log = trainer.run(params, phases, rng, desc=name, learning_rate=learning_rate)
   params = jax.block_until_ready(params)
   seconds = time.perf_counter() - t0
-  checkpoints.save(workdir, name, len(log["loss"]), params,
-                   {"seconds": seconds, "loss": log["loss"]})
+  checkpoints.save(path, len(log["loss"]), arrays=params,
+                   record={"seconds": seconds, "loss": log["loss"]})
   return params, seconds
 
 
 def _evaluate(trainer, workdir, name, params, data, forget_class, gold_test_probs, tsne_idx):
-  """Metrics of one model (cached in workdir/eval), its test probabilities and t-SNE features."""
+  """Metrics of one model (checkpointed in workdir/eval), its test probabilities and t-SNE features."""
   path = os.path.join(workdir, "eval", name)
-  if os.path.exists(path + ".json") and os.path.exists(path + ".npz"):
-    with open(path + ".json") as f:
-      summary = json.load(f)
-    with np.load(path + ".npz", allow_pickle=False) as z:
-      return summary, z["test_probs"], z["tsne_features"]
+  restored = checkpoints.restore(path, arrays_name="outputs")
+  if restored is not None:
+    outputs, summary = restored
+    return summary, np.asarray(outputs["test_probs"]), np.asarray(outputs["tsne_features"])
   train_probs, train_feats = trainer.predict(params, "train")
   test_probs, _ = trainer.predict(params, "test")
   gold = test_probs if gold_test_probs is None else gold_test_probs
   summary = evaluate.summarize(train_probs, trainer.train[1], test_probs, trainer.test[1],
                                gold, forget_class=forget_class)
   summary = {k: float(v) for k, v in jax.device_get(summary).items()}
-  test_probs = np.asarray(test_probs)
-  tsne_features = np.asarray(train_feats)[tsne_idx]
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".npz.tmp", "wb") as f:
-    np.savez(f, test_probs=test_probs, tsne_features=tsne_features)
-  os.replace(path + ".npz.tmp", path + ".npz")
-  report.atomic_write(path + ".json", json.dumps(summary))
-  return summary, test_probs, tsne_features
+  outputs = {"test_probs": np.asarray(test_probs),
+             "tsne_features": np.asarray(train_feats)[tsne_idx]}
+  checkpoints.save(path, 0, arrays=outputs, record=summary, arrays_name="outputs")
+  return summary, outputs["test_probs"], outputs["tsne_features"]
 
 
 def _tsne(features: np.ndarray, config) -> np.ndarray:
@@ -133,6 +129,8 @@ def _tsne(features: np.ndarray, config) -> np.ndarray:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the whole study; returns the results dict also written to results.json."""
   config_lib.validate(config)
+  if config.distributed and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
   config_dict = prepare_workdir(config, workdir)
   data = datasets.load(config.data)
   fc = config.forget_class
@@ -184,6 +182,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_forget = data.train_labels[tsne_idx] == fc
     embeddings = {m: _tsne(feats[m], config) for m in results}
     png = report.tsne_figure(embeddings, is_forget, names)
-  table = report.write(workdir, config_dict, results, names, png)
-  print(table)
+  if jax.process_index() == 0:
+    print(report.write(workdir, config_dict, results, names, png))
   return {"config": config_dict, "models": results}

@@ -99,7 +99,9 @@ class Trainer:
     self.batch_sharded = NamedSharding(self.mesh, P("data"))
     self.table_sharded = NamedSharding(self.mesh, P(None, "data"))
     self._pixel_max = float(data.pixel_max)
-    put = lambda x: jax.device_put(x, self.replicated)
+    # Every process holds the whole (small) data set, so each one hands in all of
+    # it; on one host this is a plain device_put.
+    put = lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x))
     self.train = (put(data.train_images), put(data.train_labels))
     self.test = (put(data.test_images), put(data.test_labels))
     labels = data.train_labels

@@ -106,7 +106,7 @@ def test_failed_run_keeps_earlier_results(run, monkeypatch):
     ("batch_size", 0, "config.batch_size: must be a positive integer"),
     ("train_epochs", -2, "config.train_epochs: must be a positive integer"),
     ("unlearn_epochs", 0, "config.unlearn_epochs: must be a positive integer"),
-    ("data.name", "mnist", "config.data.name: unknown data set 'mnist'; allowed: digits, cifar10"),
+    ("data.name", "mnist", "config.data.name: unknown data set 'mnist'; allowed: digits, cifar10, synthetic"),
     ("model.variant", "Ti/32", "config.model.variant: unknown variant"),
     ("optimizer.learning_rate", 0.0, "config.optimizer.learning_rate: must be positive"),
     ("two_stage.temperature", -1.0, "config.two_stage.temperature: must be positive"),
