@@ -119,11 +119,23 @@ def _evaluate(trainer, workdir, name, params, data, forget_class, gold_test_prob
   return summary, outputs["test_probs"], outputs["tsne_features"]
 
 
-def _tsne(features: np.ndarray, config) -> np.ndarray:
-  from sklearn.manifold import TSNE
-  perplexity = min(config.tsne.perplexity, (len(features) - 1) / 3)
-  return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-              random_state=config.seed).fit_transform(features)
+def _tsne_embeddings(workdir, features: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
+  """2-D t-SNE of each model's features (checkpointed in workdir/tsne).
+
+  scikit-learn's t-SNE runs on one core, so the models run in parallel processes.
+  """
+  path = os.path.join(workdir, "tsne")
+  restored = checkpoints.restore(path, arrays_name="embeddings")
+  if restored is not None:
+    return {m: np.asarray(restored[0][m]) for m in features}
+  import joblib
+  t0 = time.perf_counter()
+  jobs = (joblib.delayed(report.tsne)(f, config.tsne.perplexity, config.seed) for f in features.values())
+  xy = joblib.Parallel(n_jobs=min(len(features), os.cpu_count() or 1))(jobs)
+  embeddings = dict(zip(features, xy))
+  checkpoints.save(path, 0, arrays=embeddings, record={"seconds": time.perf_counter() - t0},
+                   arrays_name="embeddings")
+  return embeddings
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -180,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   png = None
   if len(tsne_idx):
     is_forget = data.train_labels[tsne_idx] == fc
-    embeddings = {m: _tsne(feats[m], config) for m in results}
+    embeddings = _tsne_embeddings(workdir, {m: feats[m] for m in results}, config)
     png = report.tsne_figure(embeddings, is_forget, names)
   if jax.process_index() == 0:
     print(report.write(workdir, config_dict, results, names, png))

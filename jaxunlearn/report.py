@@ -63,6 +63,14 @@ def csv_table(models: dict[str, dict]) -> str:
   return out.getvalue()
 
 
+def tsne(features_NxD: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
+  """scikit-learn t-SNE to 2-D with the study's settings (PCA init, automatic learning rate)."""
+  from sklearn.manifold import TSNE
+  perplexity = min(perplexity, (len(features_NxD) - 1) / 3)  # sklearn needs perplexity < n
+  return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+              random_state=seed).fit_transform(features_NxD)
+
+
 def tsne_figure(embeddings: dict[str, np.ndarray], is_forget: np.ndarray,
                 names: dict[str, str]) -> bytes:
   """One panel per model, retain grey, forget red (as the study's Figure 1); PNG bytes."""
