@@ -2,7 +2,7 @@
 
 Any config field can be overridden, e.g. `--config.forget_class=3 --config.seed=1`.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxunlearn import pipeline
@@ -21,6 +21,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every save at INFO; progress bars and the table say what matters.
+    logging.set_verbosity(logging.WARNING)
   try:
     pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except _INPUT_ERRORS as e:

@@ -106,17 +106,19 @@ def _evaluate(trainer, workdir, name, params, data, forget_class, gold_test_prob
   restored = checkpoints.restore(path, arrays_name="outputs")
   if restored is not None:
     outputs, summary = restored
-    return summary, np.asarray(outputs["test_probs"]), np.asarray(outputs["tsne_features"])
+    feats = outputs.get("tsne_features")
+    return summary, np.asarray(outputs["test_probs"]), None if feats is None else np.asarray(feats)
   train_probs, train_feats = trainer.predict(params, "train")
   test_probs, _ = trainer.predict(params, "test")
   gold = test_probs if gold_test_probs is None else gold_test_probs
   summary = evaluate.summarize(train_probs, trainer.train[1], test_probs, trainer.test[1],
                                gold, forget_class=forget_class)
   summary = {k: float(v) for k, v in jax.device_get(summary).items()}
-  outputs = {"test_probs": np.asarray(test_probs),
-             "tsne_features": np.asarray(train_feats)[tsne_idx]}
+  outputs = {"test_probs": np.asarray(test_probs)}
+  if len(tsne_idx):  # orbax cannot save an empty array
+    outputs["tsne_features"] = np.asarray(train_feats)[tsne_idx]
   checkpoints.save(path, 0, arrays=outputs, record=summary, arrays_name="outputs")
-  return summary, outputs["test_probs"], outputs["tsne_features"]
+  return summary, outputs["test_probs"], outputs.get("tsne_features")
 
 
 def _tsne_embeddings(workdir, features: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:

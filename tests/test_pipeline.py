@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxunlearn import config as config_lib, pipeline, report, train
+from jaxunlearn import checkpoints, config as config_lib, pipeline, report, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("original", "gold", "finetune", "gradient_ascent", "two_stage")
@@ -77,6 +77,7 @@ def test_rerun_reuses_every_stage(run, monkeypatch):
 
   monkeypatch.setattr(train.Trainer, "run", no_training)
   monkeypatch.setattr(train.Trainer, "predict", no_training)
+  monkeypatch.setattr(checkpoints, "save", no_training)  # t-SNE included: nothing recomputed
   again = pipeline.train_and_evaluate(tiny_config(), workdir)
   assert again == results
 
@@ -120,6 +121,15 @@ def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
     pipeline.train_and_evaluate(c, str(workdir))
   assert message in str(e.value) and "\n" not in str(e.value)
   assert not workdir.exists()
+
+
+def test_runs_without_tsne(tmp_path):
+  c = tiny_config()
+  c.train_epochs, c.methods = 1, ("gradient_ascent",)
+  c.tsne.num_forget = c.tsne.num_retain = 0
+  results = pipeline.train_and_evaluate(c, str(tmp_path))
+  assert set(results["models"]) == {"original", "gold", "gradient_ascent"}
+  assert not (tmp_path / "tsne.png").exists()
 
 
 def test_unwritable_workdir(tmp_path):
