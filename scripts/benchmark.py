@@ -15,12 +15,16 @@ For each (model, batch size, dtype) it measures, on JAX's default backend:
     same run, minutes apart, on the same machine;
   * a large jitted matmul in float32 and bfloat16: the machine's practical peak.
 
+Also `ce_train_jit`: the CE step body in a plain jit, one dispatch per step (not
+what the study runs; it isolates what the chunk's lax.scan costs).
+
 Images are synthetic uint8 at their stored size, resized and normalised inside
 the step, as in the study: ti16 stores 32x32x3 (CIFAR-10) and resizes to 224;
 digits stores 8x8x1 at model resolution. Steps time whole chunk calls after
-`jax.block_until_ready` and report the median. FLOPs come from XLA's cost
-analysis of the compiled chunk (see `_loop_body_counted_once`: XLA counts a
-while-loop body once, whatever the trip count).
+`jax.block_until_ready` and report the median (and the minimum). FLOPs come
+from XLA's cost analysis of the compiled chunk (see `_loop_body_counted_once`:
+XLA counts a while-loop body once, whatever the trip count), next to the
+hand-counted matmul FLOPs of the ViT (`vit_forward_flops`).
 
 Writes `--out` (JSON) and prints a Markdown table.
 """
@@ -43,6 +47,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxunlearn import config as config_lib, datasets, model as model_lib, objectives, train
 from jaxunlearn.methods import two_stage
@@ -81,7 +86,7 @@ def _jax_steps() -> dict[str, tuple[Callable, dict[str, str]]]:
 
 
 MODELS = ("ti16", "digits")
-STEP_NAMES = ("ce_train", "negated_ce", "kl_uniform", "contrastive_retain", "eval")
+STEP_NAMES = ("ce_train", "ce_train_jit", "negated_ce", "kl_uniform", "contrastive_retain", "eval")
 
 
 # ---------------------------------------------------------------- timing ----
@@ -169,13 +174,13 @@ def vit_forward_flops(vit: dict, channels: int) -> float:
   return 2 * N * P * P * channels * D + vit["depth"] * per_block + 2 * D * vit["num_classes"]
 
 
-def _flops(compiled, lowered, num_devices: int, steps_per_call: int, body_once: bool) -> dict:
+def _flops(compiled, lowered, num_devices: int, steps_in_cost: int) -> dict:
   # The compiled module is one device's partitioned program: scale by the devices
   # (replicated work such as the SGD update then counts once per device, as it runs).
   per_call = compiled.cost_analysis()["flops"] * num_devices
   per_call_lowered = lowered.cost_analysis()["flops"]  # the global, unpartitioned program
-  div = 1 if body_once else steps_per_call
-  return dict(flops_per_step=per_call / div, flops_per_step_lowered=per_call_lowered / div)
+  return dict(flops_per_step=per_call / steps_in_cost,
+              flops_per_step_lowered=per_call_lowered / steps_in_cost)
 
 
 # XLA options of every compile; --quick sets backend optimisation level 0, which
@@ -201,6 +206,7 @@ def _init_params(vit: model_lib.ViT, channels: int):
 
 class _JaxStep:
   """One of the Trainer's compiled chunk functions, ready to time repeatedly."""
+  scanned = True  # its cost analysis covers a lax.scan of K steps
 
   def __init__(self, trainer: train.Trainer, params, objective, pools: dict[str, str]):
     self.K = trainer.steps_per_chunk
@@ -219,8 +225,43 @@ class _JaxStep:
     return metrics
 
 
+class _JaxPlainStep:
+  """The CE step body of Trainer._run_chunk in a plain jit: one dispatch per step.
+
+  Not what the study runs: a reference that isolates the cost of the chunk's
+  lax.scan (on XLA:CPU the scanned step is slower, more so at large batches).
+  """
+  scanned = False
+
+  def __init__(self, trainer: train.Trainer, params):
+    self.K = trainer.steps_per_chunk  # dispatches per timed call
+    self.examples_per_step = trainer.batch_size
+    tables = _chunk_inputs(trainer, {"data": "all"}, 1)["streams"]["data"]
+    idx_B, mask_B = (a[0] for a in tables)
+    self.args = (trainer.train, idx_B, mask_B)
+    self.state = _fresh_state(trainer, params)
+
+    def step(state, train_data, idx_B, mask_B):
+      (images_N, labels_N), (params, opt_state) = train_data, state
+      batch = {"data": dict(image=images_N[idx_B], label=labels_N[idx_B], mask=mask_B)}
+      (loss, _), grads = jax.value_and_grad(objectives.cross_entropy, argnums=1, has_aux=True)(
+          trainer.apply, params, batch)
+      updates, opt_state = trainer.tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    jitted = jax.jit(step, donate_argnums=(0,), out_shardings=trainer.replicated)
+    self.lowered, self.compiled, self.compile_info = _compile(
+        lambda: jitted.lower(self.state, *self.args))
+
+  def __call__(self):
+    for _ in range(self.K):
+      self.state, loss = self.compiled(self.state, *self.args)
+    return loss
+
+
 class _JaxEval:
   """Trainer._predict_fn over the test set: `K` batches per call, one lax.map."""
+  scanned = True
 
   def __init__(self, trainer: train.Trainer, params):
     n = int(trainer.test[1].shape[0])
@@ -234,94 +275,109 @@ class _JaxEval:
     return self.compiled(self.params, self.test)
 
 
-def _measure_jax(step, num_calls: int, warmup: int, num_devices: int, body_once: bool) -> dict:
-  t0 = time.perf_counter()
-  jax.block_until_ready(step())
-  first_call_s = time.perf_counter() - t0
+def _prepare_jax(step, warmup: int, num_devices: int, body_once: bool) -> dict:
+  """First call and warmup calls of a compiled JAX step; its compile times and FLOPs."""
+  # XLA counts a scan's body once (see _loop_body_counted_once): then its cost is one step's.
+  steps_in_cost = step.K if step.scanned and not body_once else 1
+  first_call_s = _time_calls(step, 1, jax.block_until_ready)[0]
   _time_calls(step, warmup, jax.block_until_ready)
-  out = dict(step.compile_info, first_call_s=first_call_s, steps_per_call=step.K,
-             **_flops(step.compiled, step.lowered, num_devices, step.K, body_once))
-  out.update(_rates(_time_calls(step, num_calls, jax.block_until_ready), step.K,
-                    step.examples_per_step))
-  return out
+  return dict(step.compile_info, first_call_s=first_call_s, steps_per_call=step.K,
+              **_flops(step.compiled, step.lowered, num_devices, steps_in_cost))
 
 
-def _more_calls(step, result: dict, num_calls: int) -> dict:
-  """Re-times an already measured step (after PyTorch ran) and pools all its calls."""
-  times = result["call_times_s"] + _time_calls(step, num_calls, jax.block_until_ready)
-  return dict(result, **_rates(times, step.K, step.examples_per_step),
-              median_before_torch_ms=1e3 * statistics.median(result["call_times_s"]) / step.K,
-              median_after_torch_ms=1e3 * statistics.median(times[len(result["call_times_s"]):]) / step.K)
+def _interleaved(calls: dict[str, tuple[Callable, Callable]], num_rounds: int) -> dict[str, list]:
+  """Call times of several steps, one call of each per round, so that a neighbour's
+  burst of load on a shared machine falls on all of them alike."""
+  times = {name: [] for name in calls}
+  for _ in range(num_rounds):
+    for name, (call, sync) in calls.items():
+      times[name] += _time_calls(call, 1, sync)
+  return times
 
 
 # ---------------------------------------------------------------- PyTorch ----
 
-def torch_ce_step(spec: dict) -> dict:
-  """Examples/s of the CE train step written the straightforward PyTorch way.
+class TorchCEStep:
+  """The CE train step written the straightforward PyTorch way; a call runs K steps.
 
   forward (transformers ViTForImageClassification) + CE + backward + SGD(0.9),
   from the same uint8 images resized and normalised in the step. `spec` is plain
-  JSON so the torch.compile variant can run it in a subprocess with a timeout.
+  JSON so the torch.compile variant can run in a subprocess with a timeout.
   """
-  import torch
-  import torch.nn.functional as F
-  import transformers
 
-  torch.set_num_threads(spec["threads"])
-  device = "cuda" if torch.cuda.is_available() else "cpu"
-  if device == "cuda":
-    # JAX's default float32 matmul precision on GPUs is TF32; match it.
-    torch.set_float32_matmul_precision("high")
-  torch.manual_seed(0)
-  m, vit = spec["model"], spec["model"]["vit"]
-  config = transformers.ViTConfig(
-      hidden_size=vit["hidden_size"], num_hidden_layers=vit["depth"],
-      num_attention_heads=vit["num_heads"], intermediate_size=vit["mlp_dim"],
-      image_size=vit["image_size"], patch_size=vit["patch_size"], num_channels=m["channels"],
-      num_labels=vit["num_classes"], hidden_act="gelu", layer_norm_eps=vit["layer_norm_eps"],
-      qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  net = transformers.ViTForImageClassification._from_config(
-      config, attn_implementation=spec["attn"]).to(device).train()
-  opt = torch.optim.SGD(net.parameters(), lr=_LEARNING_RATE, momentum=0.9)
+  def __init__(self, spec: dict):
+    import torch
+    import torch.nn.functional as F
+    import transformers
 
-  B, K, S, h = spec["batch_size"], spec["steps_per_call"], vit["image_size"], m["stored_size"]
-  pixel_max, bf16 = m["pixel_max"], spec["dtype"] == "bfloat16"
-  n = max(512, 4 * B)
-  g = torch.Generator(device="cpu").manual_seed(0)
-  images_u8_NxCxHxW = torch.randint(0, int(pixel_max) + 1, (n, m["channels"], h, h),
-                                    dtype=torch.uint8, generator=g).to(device)
-  labels_N = (torch.arange(n) % vit["num_classes"]).to(device)
+    torch.set_num_threads(spec["threads"])
+    self.device = device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+      # JAX's default float32 matmul precision on GPUs is TF32; match it.
+      torch.set_float32_matmul_precision("high")
+    torch.manual_seed(0)
+    m, vit = spec["model"], spec["model"]["vit"]
+    config = transformers.ViTConfig(
+        hidden_size=vit["hidden_size"], num_hidden_layers=vit["depth"],
+        num_attention_heads=vit["num_heads"], intermediate_size=vit["mlp_dim"],
+        image_size=vit["image_size"], patch_size=vit["patch_size"], num_channels=m["channels"],
+        num_labels=vit["num_classes"], hidden_act="gelu", layer_norm_eps=vit["layer_norm_eps"],
+        qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    net = transformers.ViTForImageClassification._from_config(
+        config, attn_implementation=spec["attn"]).to(device).train()
+    self.opt = torch.optim.SGD(net.parameters(), lr=_LEARNING_RATE, momentum=0.9)
 
-  def loss_fn(images_u8_BxCxHxW, labels_B):
-    x = images_u8_BxCxHxW.float() / pixel_max
-    if h != S:
-      x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
-    x = (x - 0.5) / 0.5
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-      logits_BxC = net(pixel_values=x).logits
-    return F.cross_entropy(logits_BxC.float(), labels_B)
+    self.B, self.K = spec["batch_size"], spec["steps_per_call"]
+    S, h, pixel_max = vit["image_size"], m["stored_size"], m["pixel_max"]
+    bf16 = spec["dtype"] == "bfloat16"
+    self.n = max(512, 4 * self.B)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    self.images_u8_NxCxHxW = torch.randint(0, int(pixel_max) + 1, (self.n, m["channels"], h, h),
+                                           dtype=torch.uint8, generator=g).to(device)
+    self.labels_N = (torch.arange(self.n) % vit["num_classes"]).to(device)
 
-  if spec["compile"]:
+    def loss_fn(images_u8_BxCxHxW, labels_B):
+      x = images_u8_BxCxHxW.float() / pixel_max
+      if h != S:
+        x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
+      x = (x - 0.5) / 0.5
+      with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+        logits_BxC = net(pixel_values=x).logits
+      return F.cross_entropy(logits_BxC.float(), labels_B)
+
     # Compiling the forward + loss compiles the backward too (AOTAutograd).
-    loss_fn = torch.compile(loss_fn)
+    self.loss_fn = torch.compile(loss_fn) if spec["compile"] else loss_fn
+    self.torch = torch
+    self.info = dict(attn=spec["attn"], compile=spec["compile"], device=device,
+                     torch_version=torch.__version__, num_threads=torch.get_num_threads(),
+                     steps_per_call=self.K)
 
-  def chunk():
-    for _ in range(K):
-      idx_B = torch.randint(0, n, (B,), generator=g).to(device)
-      loss = loss_fn(images_u8_NxCxHxW[idx_B], labels_N[idx_B])
-      opt.zero_grad(set_to_none=True)
+  def __call__(self):
+    for _ in range(self.K):
+      # Drawn on the device: a host-to-device copy would sync the stream every step.
+      idx_B = self.torch.randint(0, self.n, (self.B,), device=self.device)
+      loss = self.loss_fn(self.images_u8_NxCxHxW[idx_B], self.labels_N[idx_B])
+      self.opt.zero_grad(set_to_none=True)
       loss.backward()
-      opt.step()
+      self.opt.step()
     return loss
 
-  sync = lambda _: torch.cuda.synchronize() if device == "cuda" else None
-  first_call_s = _time_calls(chunk, 1, sync)[0]  # includes torch.compile's compile
-  _time_calls(chunk, spec["warmup"], sync)
-  out = dict(attn=spec["attn"], compile=spec["compile"], device=device,
-             torch_version=torch.__version__, num_threads=torch.get_num_threads(),
-             first_call_s=first_call_s, steps_per_call=K)
-  out.update(_rates(_time_calls(chunk, spec["num_calls"], sync), K, B))
-  return out
+  def sync(self, _):
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
+
+
+def _prepare_torch(spec: dict) -> tuple[TorchCEStep, dict]:
+  step = TorchCEStep(spec)
+  first_call_s = _time_calls(step, 1, step.sync)[0]  # includes torch.compile's compile
+  _time_calls(step, spec["warmup"], step.sync)
+  return step, dict(step.info, first_call_s=first_call_s)
+
+
+def torch_ce_step(spec: dict) -> dict:
+  """Examples/s of TorchCEStep(spec), timed alone (the torch.compile subprocess)."""
+  step, info = _prepare_torch(spec)
+  return dict(info, **_rates(_time_calls(step, spec["num_calls"], step.sync), step.K, step.B))
 
 
 def _torch_compiled_in_subprocess(spec: dict, timeout_s: float) -> dict:
@@ -336,23 +392,6 @@ def _torch_compiled_in_subprocess(spec: dict, timeout_s: float) -> dict:
     err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return dict(status=f"failed: {err[:300]}")
   return dict(json.loads(lines[-1]), status="ok")
-
-
-def _measure_torch(spec: dict, attns: list[str], compile_: bool, timeout_s: float) -> dict:
-  eager = {}
-  for attn in attns:
-    try:
-      eager[attn] = dict(torch_ce_step(dict(spec, attn=attn, compile=False)), status="ok")
-    except Exception as e:  # e.g. an attention implementation this build lacks
-      eager[attn] = dict(status=f"failed: {type(e).__name__}: {str(e)[:300]}")
-  ok = {a: r for a, r in eager.items() if r["status"] == "ok"}
-  best = max(ok, key=lambda a: ok[a]["examples_per_s"]) if ok else None
-  out = dict(eager=eager, best_attn=best)
-  if compile_ and best:
-    out["compile"] = _torch_compiled_in_subprocess(dict(spec, attn=best, compile=True), timeout_s)
-  else:
-    out["compile"] = dict(status="skipped")
-  return out
 
 
 # ------------------------------------------------------------ matmul peak ----
@@ -387,7 +426,9 @@ def benchmark_config(spec: dict, batch_size: int, dtype: str, args, peak: dict, 
   num_calls = max(1, -(-args.steps // K))
   vit = model_lib.ViT(**spec["vit"], dtype=getattr(jnp, dtype))
   params = _init_params(vit, spec["channels"])
-  data = _synthetic_data(spec, num_train=max(512, 4 * batch_size), num_test=K * batch_size)
+  # 20 batches of training images: the forget pool (a tenth) fills two whole batches,
+  # so every timed step is a full batch of real examples.
+  data = _synthetic_data(spec, num_train=max(512, 20 * batch_size), num_test=K * batch_size)
   trainer = train.Trainer(vit, data, forget_class=0, batch_size=batch_size, momentum=0.9,
                           steps_per_chunk=K, eval_batch_size=batch_size, progress=False)
   n_dev = trainer.mesh.devices.size
@@ -396,27 +437,57 @@ def benchmark_config(spec: dict, batch_size: int, dtype: str, args, peak: dict, 
   once = body_once["loop_body_counted_once"]
   steps = _jax_steps()
   wanted = [s for s in STEP_NAMES if s in args.jax_steps]
-  jax_results, runners = {}, {}
+  jax_results = {}
 
-  def run_jax(name):
-    print(f"  jax {name} ...", flush=True)
-    runner = _JaxEval(trainer, params) if name == "eval" else _JaxStep(trainer, params, *steps[name])
-    runners[name] = runner
-    jax_results[name] = _measure_jax(runner, num_calls, args.warmup, n_dev, once)
+  def make_jax(name):
+    if name == "eval":
+      return _JaxEval(trainer, params)
+    if name == "ce_train_jit":
+      return _JaxPlainStep(trainer, params)
+    return _JaxStep(trainer, params, *steps[name])
 
-  # JAX CE, then PyTorch, then JAX CE again: the ratio compares runs minutes apart.
+  # The CE step: the Trainer's chunk, the same body jitted alone and PyTorch eager,
+  # called in turn, round by round, so their ratios hold on a busy machine.
+  torch_result = None
   if "ce_train" in wanted:
-    run_jax("ce_train")
-  torch_spec = dict(model=spec, batch_size=batch_size, dtype=dtype, steps_per_call=K,
-                    num_calls=num_calls, warmup=args.warmup, threads=args.torch_threads)
-  print("  pytorch ce_train ...", flush=True)
-  torch_result = _measure_torch(torch_spec, args.torch_attn, args.torch_compile,
-                                args.torch_compile_timeout) if args.torch else None
-  if "ce_train" in wanted and torch_result is not None:
-    jax_results["ce_train"] = _more_calls(runners["ce_train"], jax_results["ce_train"], num_calls)
+    print("  jax ce_train (+ ce_train_jit) + pytorch eager ce_train, interleaved ...", flush=True)
+    jax_ce = {name: make_jax(name) for name in ("ce_train", "ce_train_jit") if name in wanted}
+    calls = {}
+    for name, step in jax_ce.items():
+      jax_results[name] = _prepare_jax(step, args.warmup, n_dev, once)
+      calls[name] = (step, jax.block_until_ready)
+    torch_spec = dict(model=spec, batch_size=batch_size, dtype=dtype, steps_per_call=K,
+                      num_calls=num_calls, warmup=args.warmup, threads=args.torch_threads)
+    eager, torch_steps = {}, {}
+    for attn in (args.torch_attn if args.torch else []):
+      try:
+        torch_steps[attn], eager[attn] = _prepare_torch(dict(torch_spec, attn=attn, compile=False))
+        calls[attn] = (torch_steps[attn], torch_steps[attn].sync)
+      except Exception as e:  # e.g. an attention implementation this build lacks
+        eager[attn] = dict(status=f"failed: {type(e).__name__}: {str(e)[:300]}")
+    times = _interleaved(calls, num_calls)
+    for name, step in jax_ce.items():
+      jax_results[name].update(_rates(times.pop(name), K, step.examples_per_step),
+                               interleaved_with=sorted(set(calls) - {name}))
+    for attn, t in times.items():
+      eager[attn].update(_rates(t, K, batch_size), status="ok")
+    del torch_steps, calls  # free the PyTorch models before the next steps
+    if args.torch:
+      ok = {a: r for a, r in eager.items() if r["status"] == "ok"}
+      best = max(ok, key=lambda a: ok[a]["examples_per_s"]) if ok else None
+      torch_result = dict(eager=eager, best_attn=best, compile=dict(status="skipped"))
+      if args.torch_compile and best:
+        print("  pytorch torch.compile ce_train (subprocess) ...", flush=True)
+        torch_result["compile"] = _torch_compiled_in_subprocess(
+            dict(torch_spec, attn=best, compile=True), args.torch_compile_timeout)
+
   for name in wanted:
-    if name != "ce_train":
-      run_jax(name)
+    if name not in jax_results:
+      print(f"  jax {name} ...", flush=True)
+      step = make_jax(name)
+      jax_results[name] = _prepare_jax(step, args.warmup, n_dev, once)
+      jax_results[name].update(_rates(_time_calls(step, num_calls, jax.block_until_ready),
+                                      step.K, step.examples_per_step))
 
   peak_gflops = peak[dtype]["gflops_per_s"]
   forward_flops = vit_forward_flops(spec["vit"], spec["channels"])
@@ -439,6 +510,10 @@ def benchmark_config(spec: dict, batch_size: int, dtype: str, args, peak: dict, 
       out["jax_over_torch_eager"] = jax_eps / torch_result["eager"][best]["examples_per_s"]
     if torch_result["compile"].get("status") == "ok":
       out["jax_over_torch_compile"] = jax_eps / torch_result["compile"]["examples_per_s"]
+  if "ce_train" in jax_results and "ce_train_jit" in jax_results:
+    # > 1: the Trainer's scanned chunk is slower than the same step body jitted alone.
+    out["chunk_over_jit_time"] = (jax_results["ce_train"]["ms_per_step"]
+                                  / jax_results["ce_train_jit"]["ms_per_step"])
   return out, body_once
 
 
@@ -452,6 +527,7 @@ def machine_info() -> dict:
               platform=platform.platform(), python=platform.python_version(),
               cpu_count=os.cpu_count(), jax_version=jax.__version__, flax_version=flax.__version__,
               optax_version=optax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+              omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
               load_average_1m=os.getloadavg()[0])
   try:
     with open("/proc/cpuinfo") as f:
@@ -517,6 +593,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="transformers attention implementations to try; the faster is reported")
   p.add_argument("--torch_threads", type=int, default=os.cpu_count(),
                  help="torch.set_num_threads (default: all CPUs)")
+  p.add_argument("--omp_wait_policy", choices=("PASSIVE", "ACTIVE"), default=None,
+                 help="OMP_WAIT_POLICY for PyTorch's CPU threads (default: as in the environment). "
+                      "PASSIVE keeps eager PyTorch usable when another process holds a core")
   p.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--torch_compile_timeout", type=float, default=900.0, help="seconds")
   p.add_argument("--matmul_size", type=int, default=0, help="0: 2048 on CPU, 8192 on GPU/TPU")
@@ -559,6 +638,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(torch_ce_step(json.loads(args.torch_worker))))
     return {}
   specs = {m: _model_spec(m) for m, _ in args.configs}  # a bad --model fails before any work
+  if args.omp_wait_policy:
+    if "torch" in sys.modules:  # libgomp reads it once, when torch loads
+      print("warning: torch is already imported; --omp_wait_policy has no effect", flush=True)
+    os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # the torch.compile subprocess inherits it
   _COMPILER_OPTIONS.clear()
   if args.fast_compile:
     _COMPILER_OPTIONS["xla_backend_optimization_level"] = 0

@@ -53,4 +53,5 @@ def test_quick_run_writes_positive_numbers(tmp_path):
   assert torch_res["eager"][torch_res["best_attn"]]["examples_per_s"] > 0
   assert torch_res["compile"]["status"] == "skipped"
   assert res["jax_over_torch_eager"] > 0
+  assert res["chunk_over_jit_time"] > 0  # the Trainer's scanned step vs the same body jitted alone
   assert "| digits | 8 | float32 | ce_train |" in out["table"]
