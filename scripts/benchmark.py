@@ -2,6 +2,7 @@
 
   python scripts/benchmark.py --model ti16 --batch_sizes 8,64 --dtype float32
   python scripts/benchmark.py --model digits --batch_sizes 64 --out /tmp/digits.json
+  python scripts/benchmark.py --configs ti16:8,digits:64 --omp_wait_policy PASSIVE
   python scripts/benchmark.py --quick          # digits, batch 8, a few steps (the test)
 
 For each (model, batch size, dtype) it measures, on JAX's default backend:
@@ -11,8 +12,9 @@ For each (model, batch size, dtype) it measures, on JAX's default backend:
     evaluation (`Trainer._predict_fn`, a `lax.map` over batches);
   * the same CE train step written the straightforward PyTorch way: transformers'
     `ViTForImageClassification`, eager (sdpa and eager attention, the faster
-    reported) and under `torch.compile` (in a subprocess with a timeout), in the
-    same run, minutes apart, on the same machine;
+    reported; called in turn with the JAX CE step, round by round, so a busy
+    machine slows both alike) and under `torch.compile` (right after, in a
+    subprocess with a timeout);
   * a large jitted matmul in float32 and bfloat16: the machine's practical peak.
 
 Also `ce_train_jit`: the CE step body in a plain jit, one dispatch per step (not
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import importlib.util
 import json
 import os
@@ -56,8 +57,8 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 _NUM_CLASSES = 10
 _LEARNING_RATE = 1e-4  # small, so random data never drives the loss to NaN mid-benchmark
 
-# name -> how the images are stored (size, channels, white value) and the ViT's sizes.
 def _model_spec(name: str) -> dict[str, Any]:
+  """How a model's images are stored (size, channels, white value) and its ViT sizes."""
   if name == "ti16":
     # CIFAR-10 as the study feeds it: 32x32 uint8, bilinear-resized to 224 in the step.
     vit = dict(num_classes=_NUM_CLASSES, image_size=224, layer_norm_eps=1e-6,
@@ -521,7 +522,6 @@ def benchmark_config(spec: dict, batch_size: int, dtype: str, args, peak: dict, 
 
 def machine_info() -> dict:
   import flax
-  import optax
   info = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
               jax_devices=[str(d) for d in jax.devices()], jax_backend=jax.default_backend(),
               platform=platform.platform(), python=platform.python_version(),
@@ -538,7 +538,7 @@ def machine_info() -> dict:
     import torch
     import transformers
     info.update(torch_version=torch.__version__, transformers_version=transformers.__version__,
-torch_cuda=torch.cuda.is_available())
+                torch_cuda=torch.cuda.is_available())
     if torch.cuda.is_available():
       info["torch_device"] = torch.cuda.get_device_name()
   except ImportError:
