@@ -25,6 +25,80 @@ VARIANTS: dict[str, dict[str, int]] = {
 _init = nn.initializers.truncated_normal(0.02)
 
 
+class Dense(nn.Module):
+  """`nn.Dense` over the last axis, computed as one 2-D matmul.
+
+  Flattening the leading axes first gives the weight gradient a single contracting
+  axis, so XLA:CPU emits plain GEMMs for it instead of transposing activations
+  (~1.6x faster backward for the ViT-Ti layers on CPU); same parameters as nn.Dense.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _init, (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    y = x.reshape(-1, x.shape[-1]) @ kernel + bias
+    return y.reshape(*x.shape[:-1], self.features)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping P x P patches -> D features: a stride-P convolution.
+
+  Written as reshape + one matmul, which XLA compiles to a plain GEMM on every
+  backend; XLA:CPU runs the equivalent strided convolution up to 10x slower
+  inside a training loop. Parameters keep the convolution's layout (P, P, C, D).
+  """
+  patch_size: int
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images_BxHxWxC):
+    B, H, W, C = images_BxHxWxC.shape
+    P, D = self.patch_size, self.features
+    kernel = self.param("kernel", _init, (P, P, C, D))
+    bias = self.param("bias", nn.initializers.zeros, (D,))
+    x = images_BxHxWxC.reshape(B, H // P, P, W // P, P, C).astype(self.dtype)
+    x_BxhxwxD = jnp.einsum("bhpwqc,pqcd->bhwd", x, kernel.astype(self.dtype))
+    return x_BxhxwxD + bias.astype(self.dtype)
+
+
+def _softmax_f32(logits_NxQxS):
+  # Softmax in float32 even under bf16 compute.
+  return jax.nn.softmax(logits_NxQxS.astype(jnp.float32), axis=-1)
+
+
+@jax.custom_vjp
+def attend(q_NxLxK, k_NxLxK, v_NxLxK):
+  """softmax(q k^T) v over a flat batch N = batch x heads (q already scaled).
+
+  Equal to autodiff of the plain formula (tests check it). The hand-written
+  backward keeps every matmul a 3-D batched GEMM with one contracting axis:
+  XLA:CPU runs that ~1.5x faster than autodiff's layout, with fewer transposes.
+  """
+  return _attend_fwd(q_NxLxK, k_NxLxK, v_NxLxK)[0]
+
+
+def _attend_fwd(q, k, v):
+  w_NxQxS = _softmax_f32(q @ jnp.swapaxes(k, 1, 2)).astype(q.dtype)
+  return w_NxQxS @ v, (q, k, v, w_NxQxS)
+
+
+def _attend_bwd(res, do_NxQxK):
+  q, k, v, w = res
+  dv = jnp.einsum("nqs,nqk->nsk", w, do_NxQxK)
+  dw = (do_NxQxK @ jnp.swapaxes(v, 1, 2)).astype(jnp.float32)
+  w32 = w.astype(jnp.float32)
+  ds = (w32 * (dw - jnp.sum(dw * w32, axis=-1, keepdims=True))).astype(q.dtype)
+  return ds @ k, jnp.einsum("nqs,nqk->nsk", ds, q), dv
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one fused qkv projection (as in timm)."""
   num_heads: int
@@ -32,18 +106,15 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD):
-    D = x_BxLxD.shape[-1]
+    B, L, D = x_BxLxD.shape
     H = self.num_heads
-    qkv = nn.Dense(3 * D, kernel_init=_init, dtype=self.dtype, name="qkv")(x_BxLxD)
-    q, k, v = jnp.split(qkv.reshape(*x_BxLxD.shape[:2], 3, H, D // H), 3, axis=2)
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-    scale = (D // H) ** -0.5
-    logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK * scale, k_BxLxHxK)
-    # Softmax in float32 even under bf16 compute.
-    weights = jax.nn.softmax(logits_BxHxLxL.astype(jnp.float32), axis=-1)
-    out_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", weights.astype(self.dtype), v_BxLxHxK)
-    out_BxLxD = out_BxLxHxK.reshape(x_BxLxD.shape)
-    return nn.Dense(D, kernel_init=_init, dtype=self.dtype, name="proj")(out_BxLxD)
+    qkv = Dense(3 * D, self.dtype, name="qkv")(x_BxLxD)
+    # (B, L, 3, H, K) -> (3, B*H, L, K): heads become batch rows of 3-D matmuls.
+    qkv_3xNxLxK = qkv.reshape(B, L, 3, H, D // H).transpose(2, 0, 3, 1, 4).reshape(3, B * H, L, -1)
+    q, k, v = qkv_3xNxLxK[0], qkv_3xNxLxK[1], qkv_3xNxLxK[2]
+    out_NxLxK = attend(q * (D // H) ** -0.5, k, v)
+    out_BxLxD = out_NxLxK.reshape(B, H, L, -1).transpose(0, 2, 1, 3).reshape(B, L, D)
+    return Dense(D, self.dtype, name="proj")(out_BxLxD)
 
 
 class EncoderBlock(nn.Module):
@@ -58,10 +129,10 @@ class EncoderBlock(nn.Module):
     D = x_BxLxD.shape[-1]
     ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
     x_BxLxD = x_BxLxD + Attention(self.num_heads, self.dtype, name="attn")(ln("norm1")(x_BxLxD))
-    h = nn.Dense(self.mlp_dim, kernel_init=_init, dtype=self.dtype, name="fc1")(ln("norm2")(x_BxLxD))
+    h = Dense(self.mlp_dim, self.dtype, name="fc1")(ln("norm2")(x_BxLxD))
     # Exact (erf) GELU, as in timm and transformers, so converted weights reproduce them.
     h = nn.gelu(h, approximate=False)
-    return x_BxLxD + nn.Dense(D, kernel_init=_init, dtype=self.dtype, name="fc2")(h)
+    return x_BxLxD + Dense(D, self.dtype, name="fc2")(h)
 
 
 class ViT(nn.Module):
@@ -82,8 +153,9 @@ class ViT(nn.Module):
       raise ValueError(f"ViT expects {self.image_size}x{self.image_size} images, got "
                        f"{images_BxHxWxC.shape[1]}x{images_BxHxWxC.shape[2]}")
     P, D = self.patch_size, self.hidden_size
-    x = nn.Conv(D, (P, P), strides=(P, P), padding="VALID", kernel_init=_init,
-                dtype=self.dtype, name="patch_embed")(images_BxHxWxC.astype(self.dtype))
+    if self.image_size % P:
+      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {P}")
+    x = PatchEmbed(P, D, self.dtype, name="patch_embed")(images_BxHxWxC)
     B = x.shape[0]
     x_BxNxD = x.reshape(B, -1, D)
     cls = self.param("cls_token", nn.initializers.zeros, (1, 1, D))
@@ -95,8 +167,7 @@ class ViT(nn.Module):
                              name=f"block{i}")(x_BxLxD)
     x_BxLxD = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(x_BxLxD)
     features_BxD = x_BxLxD[:, 0]
-    logits_BxC = nn.Dense(self.num_classes, kernel_init=_init,
-                          dtype=self.dtype, name="head")(features_BxD)
+    logits_BxC = Dense(self.num_classes, self.dtype, name="head")(features_BxD)
     return logits_BxC.astype(jnp.float32), features_BxD.astype(jnp.float32)
 
 

@@ -45,6 +45,9 @@ import sys
 import time
 from typing import Any, Callable
 
+# Runs from a checkout without `pip install -e .` as well.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -527,6 +530,7 @@ def machine_info() -> dict:
               platform=platform.platform(), python=platform.python_version(),
               cpu_count=os.cpu_count(), jax_version=jax.__version__, flax_version=flax.__version__,
               optax_version=optax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
               omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
               load_average_1m=os.getloadavg()[0])
   try:
