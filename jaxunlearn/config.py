@@ -95,6 +95,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.steps_per_chunk = 50
   # Show progress bars.
   c.progress = True
+  # Run independent stages at once (Original with Gold, then the methods) when JAX
+  # runs on the CPU in one process: small models leave one of the CPU's cores idle
+  # (1.4x more steps/s on 2 cores). Ignored on accelerators and multi-host runs.
+  # Results are identical either way; each stage's time is then its wall time
+  # while sharing the machine.
+  c.concurrent_stages = True
   # Call jax.distributed.initialize() first (multi-host runs: one process per host,
   # coordinator from the environment, e.g. on Cloud TPU or under SLURM).
   c.distributed = False
@@ -143,6 +149,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _fail("model.patch_size", f"{sizes['patch_size']} does not divide image_size {sizes['image_size']}")
     if sizes["hidden_size"] % sizes["num_heads"]:
       _fail("model.num_heads", f"{sizes['num_heads']} does not divide hidden_size {sizes['hidden_size']}")
+  if not isinstance(c.concurrent_stages, bool):
+    _fail("concurrent_stages", f"must be true or false, got {c.concurrent_stages!r}")
   if not 0 < c.data.test_size < 1:
     _fail("data.test_size", f"must be in (0, 1), got {c.data.test_size!r}")
   if c.tsne.num_retain < 0 or c.tsne.num_forget < 0:

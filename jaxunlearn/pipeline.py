@@ -6,6 +6,7 @@ reused when the same command runs again.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import time
@@ -20,7 +21,7 @@ from jaxunlearn import checkpoints, config as config_lib, datasets, evaluate, me
 from jaxunlearn import model as model_lib, objectives, report, train
 
 # Fields that change how fast a run goes or what it shows, not what it computes.
-_NON_RESULT_FIELDS = ("progress", "steps_per_chunk", "eval.batch_size")
+_NON_RESULT_FIELDS = ("progress", "steps_per_chunk", "eval.batch_size", "concurrent_stages")
 
 DISPLAY_NAMES = {"original": "Original", "gold": "Gold Standard"}
 
@@ -84,7 +85,7 @@ def build_model(config, data: datasets.Dataset, rng):
   return model_lib.ViT(**kwargs, dtype=dtype), params
 
 
-def _stage(trainer, workdir, name, params, phases, rng, abstract, learning_rate):
+def _stage(trainer, workdir, name, params, phases, rng, abstract, learning_rate, bar_position=0):
   """Runs (or restores) one training/unlearning stage; returns (params, seconds)."""
   path = os.path.join(workdir, "checkpoints", name)
   restored = checkpoints.restore(path, abstract)
@@ -92,12 +93,30 @@ def _stage(trainer, workdir, name, params, phases, rng, abstract, learning_rate)
     logging.info("%s: restored from %s", name, workdir)
     return restored[0], restored[1]["seconds"]
   t0 = time.perf_counter()
-  params, log = trainer.run(params, phases, rng, desc=name, learning_rate=learning_rate)
+  params, log = trainer.run(params, phases, rng, desc=name, learning_rate=learning_rate,
+                            bar_position=bar_position)
   params = jax.block_until_ready(params)
   seconds = time.perf_counter() - t0
   checkpoints.save(path, len(log["loss"]), arrays=params,
                    record={"seconds": seconds, "loss": log["loss"]})
   return params, seconds
+
+
+def _concurrent(config) -> bool:
+  # One process on the CPU only: on accelerators a stage already fills the device,
+  # and collectives of concurrent programs could interleave differently across hosts.
+  return (config.concurrent_stages and jax.default_backend() == "cpu"
+          and jax.process_count() == 1)
+
+
+def _stages(trainer, workdir, jobs, abstract, parallel: bool) -> dict:
+  """{name: (params, seconds)} of independent stages `jobs` = [(name, params, phases, rng, lr)]."""
+  if not parallel or len(jobs) < 2:
+    return {job[0]: _stage(trainer, workdir, *job[:4], abstract, job[4]) for job in jobs}
+  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    futures = {job[0]: pool.submit(_stage, trainer, workdir, *job[:4], abstract, job[4], i)
+               for i, job in enumerate(jobs)}
+    return {name: f.result() for name, f in futures.items()}
 
 
 def _evaluate(trainer, workdir, name, params, data, forget_class, gold_test_probs, tsne_idx):
@@ -164,17 +183,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return [train.Phase("train", objectives.cross_entropy,
                         {"data": train.Stream(pool, epochs=config.train_epochs)})]
 
-  params, seconds = {}, {}
-  stages = [("original", supervised("all")), ("gold", supervised("retain"))]
-  for i, (name, phases) in enumerate(stages):
-    params[name], seconds[name] = _stage(trainer, workdir, name, init_params, phases,
-                                         jax.random.fold_in(key, 1 + i), abstract,
-                                         config.optimizer.learning_rate)
+  parallel = _concurrent(config)
+  train_lr, unlearn_lr = config.optimizer.learning_rate, config.optimizer.unlearn_learning_rate
+  done = _stages(trainer, workdir, [
+      ("original", init_params, supervised("all"), jax.random.fold_in(key, 1), train_lr),
+      ("gold", init_params, supervised("retain"), jax.random.fold_in(key, 2), train_lr),
+  ], abstract, parallel)
   method_names = (config.methods,) if isinstance(config.methods, str) else tuple(config.methods)
-  for i, name in enumerate(method_names):
-    params[name], seconds[name] = _stage(
-        trainer, workdir, name, params["original"], methods.METHODS[name].phases(config),
-        jax.random.fold_in(key, 100 + i), abstract, config.optimizer.unlearn_learning_rate)
+  done.update(_stages(trainer, workdir, [
+      (name, done["original"][0], methods.METHODS[name].phases(config),
+       jax.random.fold_in(key, 100 + i), unlearn_lr)
+      for i, name in enumerate(method_names)], abstract, parallel))
+  params = {name: p for name, (p, _) in done.items()}
+  seconds = {name: t for name, (_, t) in done.items()}
 
   names = dict(DISPLAY_NAMES, **{m: methods.METHODS[m].DISPLAY_NAME for m in method_names})
   tsne_idx = evaluate.tsne_indices(

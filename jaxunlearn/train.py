@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -111,6 +112,7 @@ class Trainer:
         "retain": put(np.flatnonzero(labels != forget_class).astype(np.int32)),
     }
     self._chunk_fns: dict[Any, Callable] = {}
+    self._lock = threading.Lock()  # stages may run in threads (config.concurrent_stages)
     self._predict_fn = jax.jit(self._predict, static_argnames=("num_batches",))
     self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=self.replicated)
     # Chunk c of every stream's tables; c is traced, so one compile serves all chunks.
@@ -142,15 +144,17 @@ class Trainer:
 
   def _chunk_fn(self, objective: Objective, stream_names: tuple[str, ...]):
     key = (objective, stream_names)
-    if key not in self._chunk_fns:
-      self._chunk_fns[key] = jax.jit(
-          functools.partial(self._run_chunk, objective), donate_argnums=(0,),
-          out_shardings=self.replicated)
-    return self._chunk_fns[key]
+    with self._lock:
+      if key not in self._chunk_fns:
+        self._chunk_fns[key] = jax.jit(
+            functools.partial(self._run_chunk, objective), donate_argnums=(0,),
+            out_shardings=self.replicated)
+      return self._chunk_fns[key]
 
   def _run_chunk(self, objective, state, train, xs):
     """`steps_per_chunk` steps in one scan; inactive (padding) steps are skipped."""
-    self.num_traces += 1
+    with self._lock:
+      self.num_traces += 1
     images_N, labels_N = train
 
     def step(state, x):
@@ -173,8 +177,13 @@ class Trainer:
     # cond runs only the taken branch, so padding steps cost nothing.
     return jax.lax.scan(lambda st, x: jax.lax.cond(x["active"], step, skip, st, x), state, xs)
 
-  def run(self, params, phases: list[Phase], rng: jax.Array, desc: str, learning_rate: float):
-    """Optimise `params` through `phases` with one fresh optimizer; returns (params, log)."""
+  def run(self, params, phases: list[Phase], rng: jax.Array, desc: str, learning_rate: float,
+          bar_position: int = 0):
+    """Optimise `params` through `phases` with one fresh optimizer; returns (params, log).
+
+    Thread-safe: independent runs may go on in parallel threads (`bar_position`
+    keeps their progress bars on separate lines).
+    """
     # A fresh copy: the chunk steps donate their state, and the caller keeps its params.
     params = self._copy(params)
     opt_state = self.tx.init(params)
@@ -195,7 +204,7 @@ class Trainer:
       active = (np.arange(num_chunks * K) < num_steps).reshape(num_chunks, K)
       fn = self._chunk_fn(phase.objective, tuple(sorted(phase.streams)))
       bar = tqdm(total=num_steps, desc=f"{desc}/{phase.name}", disable=not self.progress,
-                 unit="step", dynamic_ncols=True, leave=True)
+                 unit="step", dynamic_ncols=True, leave=True, position=bar_position)
       pending, t0, seen = None, time.perf_counter(), 0
       for c in range(num_chunks + 1):
         if c < num_chunks:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -155,3 +156,19 @@ def test_cli_override_and_one_line_error(tmp_path):
   assert out.returncode != 0
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: config.forget_class: 12 is out of range; allowed: 0..9"), out.stderr
+
+
+def test_concurrent_stages_match_sequential(run, tmp_path):
+  workdir, concurrent = run
+  assert pipeline._concurrent(tiny_config())  # the fixture's run had stages in parallel
+  c = tiny_config()
+  c.concurrent_stages = False
+  sequential = pipeline.train_and_evaluate(c, str(tmp_path))
+  for m in MODELS:
+    a, b = concurrent["models"][m], sequential["models"][m]
+    assert {k: v for k, v in a.items() if k != "seconds"} == {
+        k: v for k, v in b.items() if k != "seconds"}, m
+    pa = checkpoints.restore(os.path.join(workdir, "checkpoints", m))[0]
+    pb = checkpoints.restore(str(tmp_path / "checkpoints" / m))[0]
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+      np.testing.assert_array_equal(x, y)
