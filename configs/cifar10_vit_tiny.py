@@ -37,4 +37,7 @@ def get_config():
   c.model.image_size = 224
   c.model.init = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
   c.eval.batch_size = 256
+  # On a CPU a ViT-Ti step already keeps every core busy; stages at once would only
+  # multiply memory (several GB per batch-64 stage). Accelerators ignore it anyway.
+  c.concurrent_stages = False
   return c
