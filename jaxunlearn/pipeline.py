@@ -116,7 +116,15 @@ def _stages(trainer, workdir, jobs, abstract, parallel: bool) -> dict:
   with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
     futures = {job[0]: pool.submit(_stage, trainer, workdir, *job[:4], abstract, job[4], i)
                for i, job in enumerate(jobs)}
-    return {name: f.result() for name, f in futures.items()}
+    try:
+      done, _ = concurrent.futures.wait(futures.values(),
+                                        return_when=concurrent.futures.FIRST_EXCEPTION)
+      for f in done:
+        f.result()  # re-raises the first failure while the others still run
+      return {name: f.result() for name, f in futures.items()}
+    except BaseException:  # a failed stage or Ctrl-C: stop the others at their next chunk
+      trainer.cancel.set()
+      raise
 
 
 def _evaluate(trainer, workdir, name, params, data, forget_class, gold_test_probs, tsne_idx):

@@ -31,6 +31,10 @@ from jaxunlearn import datasets
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
+class Cancelled(Exception):
+  """A run stopped early through `Trainer.cancel`."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Stream:
   """Batches from one pool of training examples."""
@@ -113,6 +117,8 @@ class Trainer:
     }
     self._chunk_fns: dict[Any, Callable] = {}
     self._lock = threading.Lock()  # stages may run in threads (config.concurrent_stages)
+    # Set to stop every run of this trainer at its next chunk (a sibling stage failed).
+    self.cancel = threading.Event()
     self._predict_fn = jax.jit(self._predict, static_argnames=("num_batches",))
     self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=self.replicated)
     # Chunk c of every stream's tables; c is traced, so one compile serves all chunks.
@@ -207,6 +213,8 @@ class Trainer:
                  unit="step", dynamic_ncols=True, leave=True, position=bar_position)
       pending, t0, seen = None, time.perf_counter(), 0
       for c in range(num_chunks + 1):
+        if self.cancel.is_set():
+          raise Cancelled(f"{desc}: stopped because another stage failed")
         if c < num_chunks:
           xs = dict(active=active[c], streams=self._take_chunk(streams, c))
           state, metrics = fn(state, self.train, xs)

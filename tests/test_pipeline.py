@@ -172,3 +172,18 @@ def test_concurrent_stages_match_sequential(run, tmp_path):
     pb = checkpoints.restore(str(tmp_path / "checkpoints" / m))[0]
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
       np.testing.assert_array_equal(x, y)
+
+
+def test_failing_stage_stops_its_concurrent_sibling(tmp_path, monkeypatch):
+  real_stage = pipeline._stage
+
+  def stage(trainer, workdir, name, *args, **kwargs):
+    if name == "gold":
+      raise ValueError("gold failed")
+    trainer.cancel.wait(timeout=60)  # make sure the failure comes first
+    return real_stage(trainer, workdir, name, *args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "_stage", stage)
+  with pytest.raises(ValueError, match="gold failed"):
+    pipeline.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert not (tmp_path / "checkpoints" / "original").exists()  # cancelled, nothing half-saved
