@@ -85,7 +85,7 @@ def build_model(config, data: datasets.Dataset, rng):
   return model_lib.ViT(**kwargs, dtype=dtype), params
 
 
-def _stage(trainer, workdir, name, params, phases, rng, abstract, learning_rate, bar_position=0):
+def _stage(trainer, workdir, abstract, name, params, phases, rng, learning_rate, bar_position=0):
   """Runs (or restores) one training/unlearning stage; returns (params, seconds)."""
   path = os.path.join(workdir, "checkpoints", name)
   restored = checkpoints.restore(path, abstract)
@@ -112,9 +112,9 @@ def _concurrent(config) -> bool:
 def _stages(trainer, workdir, jobs, abstract, parallel: bool) -> dict:
   """{name: (params, seconds)} of independent stages `jobs` = [(name, params, phases, rng, lr)]."""
   if not parallel or len(jobs) < 2:
-    return {job[0]: _stage(trainer, workdir, *job[:4], abstract, job[4]) for job in jobs}
+    return {job[0]: _stage(trainer, workdir, abstract, *job) for job in jobs}
   with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-    futures = {job[0]: pool.submit(_stage, trainer, workdir, *job[:4], abstract, job[4], i)
+    futures = {job[0]: pool.submit(_stage, trainer, workdir, abstract, *job, bar_position=i)
                for i, job in enumerate(jobs)}
     try:
       done, _ = concurrent.futures.wait(futures.values(),

@@ -45,8 +45,8 @@ import sys
 import time
 from typing import Any, Callable
 
-# Runs from a checkout without `pip install -e .` as well.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_REPO))  # runs from a checkout without `pip install -e .` as well
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,6 @@ import optax
 from jaxunlearn import config as config_lib, datasets, model as model_lib, objectives, train
 from jaxunlearn.methods import two_stage
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
 _NUM_CLASSES = 10
 _LEARNING_RATE = 1e-4  # small, so random data never drives the loss to NaN mid-benchmark
 

@@ -177,11 +177,11 @@ def test_concurrent_stages_match_sequential(run, tmp_path):
 def test_failing_stage_stops_its_concurrent_sibling(tmp_path, monkeypatch):
   real_stage = pipeline._stage
 
-  def stage(trainer, workdir, name, *args, **kwargs):
+  def stage(trainer, workdir, abstract, name, *args, **kwargs):
     if name == "gold":
       raise ValueError("gold failed")
     trainer.cancel.wait(timeout=60)  # make sure the failure comes first
-    return real_stage(trainer, workdir, name, *args, **kwargs)
+    return real_stage(trainer, workdir, abstract, name, *args, **kwargs)
 
   monkeypatch.setattr(pipeline, "_stage", stage)
   with pytest.raises(ValueError, match="gold failed"):
