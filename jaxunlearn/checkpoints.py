@@ -5,12 +5,19 @@ A trained model's folder (`checkpoints/<model>`) holds its parameters
 evaluation's folder (`eval/<model>`) holds its metrics (JSON) and arrays (test
 probabilities, t-SNE features). A stage whose checkpoint exists is restored
 instead of recomputed, so rerunning a command on the same workdir resumes.
+
+Pipeline tasks run in threads, and orbax's save machinery is not safe to enter
+from several threads at once, so saves and restores take turns (they are short
+next to the work they record).
 """
 from __future__ import annotations
 
 import os
+import threading
 
 import orbax.checkpoint as ocp
+
+_LOCK = threading.Lock()
 
 
 def _manager(path: str, item_names) -> ocp.CheckpointManager:
@@ -20,7 +27,7 @@ def _manager(path: str, item_names) -> ocp.CheckpointManager:
 
 def save(path: str, step: int, *, arrays, record: dict, arrays_name: str = "params") -> None:
   """Saves a pytree of arrays and a JSON-able record as one checkpoint step."""
-  with _manager(path, (arrays_name, "record")) as mngr:
+  with _LOCK, _manager(path, (arrays_name, "record")) as mngr:
     mngr.save(step, args=ocp.args.Composite(**{arrays_name: ocp.args.StandardSave(arrays),
                                                "record": ocp.args.JsonSave(record)}))
     mngr.wait_until_finished()
@@ -34,7 +41,7 @@ def restore(path: str, abstract_arrays=None, arrays_name: str = "params"):
   """
   if not os.path.isdir(path):
     return None
-  with _manager(path, (arrays_name, "record")) as mngr:
+  with _LOCK, _manager(path, (arrays_name, "record")) as mngr:
     step = mngr.latest_step()
     if step is None:
       return None

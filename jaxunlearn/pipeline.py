@@ -7,15 +7,18 @@ reused when the same command runs again.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import os
+import threading
 import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxunlearn import checkpoints, config as config_lib, datasets, evaluate, methods
 from jaxunlearn import model as model_lib, objectives, report, train
@@ -85,6 +88,24 @@ def build_model(config, data: datasets.Dataset, rng):
   return model_lib.ViT(**kwargs, dtype=dtype), params
 
 
+class _BarSlots:
+  """Progress-bar lines for stages running at once: each takes the lowest free line."""
+
+  def __init__(self):
+    self._lock, self._used = threading.Lock(), set()
+
+  @contextlib.contextmanager
+  def take(self):
+    with self._lock:
+      slot = min(set(range(len(self._used) + 1)) - self._used)
+      self._used.add(slot)
+    try:
+      yield slot
+    finally:
+      with self._lock:
+        self._used.discard(slot)
+
+
 def _stage(trainer, workdir, abstract, name, params, phases, rng, learning_rate, bar_position=0):
   """Runs (or restores) one training/unlearning stage; returns (params, seconds)."""
   path = os.path.join(workdir, "checkpoints", name)
@@ -102,29 +123,56 @@ def _stage(trainer, workdir, abstract, name, params, phases, rng, learning_rate,
   return params, seconds
 
 
-def _concurrent(config) -> bool:
-  # One process on the CPU only: on accelerators a stage already fills the device,
-  # and collectives of concurrent programs could interleave differently across hosts.
-  return (config.concurrent_stages and jax.default_backend() == "cpu"
-          and jax.process_count() == 1)
+def _workers(config) -> int:
+  """How many pipeline tasks run at once: one per CPU core, or one.
+
+  Only for one process on the CPU: on accelerators a stage already fills the device,
+  and collectives of concurrent programs could interleave differently across hosts.
+  """
+  if (config.concurrent_stages and jax.default_backend() == "cpu"
+      and jax.process_count() == 1):
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
+  return 1
 
 
-def _stages(trainer, workdir, jobs, abstract, parallel: bool) -> dict:
-  """{name: (params, seconds)} of independent stages `jobs` = [(name, params, phases, rng, lr)]."""
-  if not parallel or len(jobs) < 2:
-    return {job[0]: _stage(trainer, workdir, abstract, *job) for job in jobs}
-  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-    futures = {job[0]: pool.submit(_stage, trainer, workdir, abstract, *job, bar_position=i)
-               for i, job in enumerate(jobs)}
+@dataclasses.dataclass(frozen=True)
+class _Task:
+  """One step of the pipeline: `fn(results, idle)` once every task in `deps` is done.
+
+  `results` maps finished tasks to their values; `idle` is how many workers had
+  nothing to do when the task started.
+  """
+  fn: Callable[[dict, int], Any]
+  deps: tuple[str, ...] = ()
+  priority: float = 0.0  # among ready tasks, the highest starts first
+
+
+def _run_tasks(tasks: dict[str, _Task], workers: int, cancel: threading.Event) -> dict:
+  """Runs `tasks` on `workers` threads, each as soon as its deps are done (list scheduling).
+
+  Returns {name: value}. On a failure or Ctrl-C, `cancel` is set, so running
+  training stages stop at their next chunk, and the first error is re-raised once
+  the running tasks have returned; finished stages keep their checkpoints.
+  """
+  results, waiting, running = {}, dict(tasks), {}
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     try:
-      done, _ = concurrent.futures.wait(futures.values(),
-                                        return_when=concurrent.futures.FIRST_EXCEPTION)
-      for f in done:
-        f.result()  # re-raises the first failure while the others still run
-      return {name: f.result() for name, f in futures.items()}
-    except BaseException:  # a failed stage or Ctrl-C: stop the others at their next chunk
-      trainer.cancel.set()
+      while waiting or running:
+        ready = [n for n, t in waiting.items() if all(d in results for d in t.deps)]
+        ready.sort(key=lambda n: -waiting[n].priority)  # stable: ties keep their order
+        for name in ready[:workers - len(running)]:
+          idle = workers - len(running) - 1
+          running[pool.submit(waiting.pop(name).fn, dict(results), idle)] = name
+        if not running:
+          raise ValueError(f"tasks {sorted(waiting)} wait on tasks that do not exist")
+        done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+        for f in done:
+          results[running.pop(f)] = f.result()  # re-raises a task's error
+    except BaseException:
+      cancel.set()
       raise
+  return results
 
 
 def _evaluate(trainer, workdir, name, params, data, forget_class, gold_test_probs, tsne_idx):
@@ -137,7 +185,9 @@ def _evaluate(trainer, workdir, name, params, data, forget_class, gold_test_prob
     return summary, np.asarray(outputs["test_probs"]), None if feats is None else np.asarray(feats)
   train_probs, train_feats = trainer.predict(params, "train")
   test_probs, _ = trainer.predict(params, "test")
-  gold = test_probs if gold_test_probs is None else gold_test_probs
+  # Gold's probabilities as a host array for every model (restored ones are), so
+  # `summarize` compiles once.
+  gold = np.asarray(test_probs if gold_test_probs is None else gold_test_probs)
   summary = evaluate.summarize(train_probs, trainer.train[1], test_probs, trainer.test[1],
                                gold, forget_class=forget_class)
   summary = {k: float(v) for k, v in jax.device_get(summary).items()}
@@ -148,23 +198,23 @@ def _evaluate(trainer, workdir, name, params, data, forget_class, gold_test_prob
   return summary, outputs["test_probs"], outputs.get("tsne_features")
 
 
-def _tsne_embeddings(workdir, features: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
-  """2-D t-SNE of each model's features (checkpointed in workdir/tsne).
+def _tsne(workdir, name, features, config, threads: int | None) -> np.ndarray:
+  """2-D t-SNE of one model's features (checkpointed in workdir/tsne/<name>).
 
-  scikit-learn's t-SNE runs on one core, so the models run in parallel processes.
+  `threads` caps scikit-learn's OpenMP threads (per calling thread), so a t-SNE
+  running beside a training stage takes one core rather than contending for all.
   """
-  path = os.path.join(workdir, "tsne")
-  restored = checkpoints.restore(path, arrays_name="embeddings")
+  path = os.path.join(workdir, "tsne", name)
+  restored = checkpoints.restore(path, arrays_name="embedding")
   if restored is not None:
-    return {m: np.asarray(restored[0][m]) for m in features}
-  import joblib
+    return np.asarray(restored[0]["xy"])
+  import threadpoolctl  # scikit-learn's dependency
   t0 = time.perf_counter()
-  jobs = (joblib.delayed(report.tsne)(f, config.tsne.perplexity, config.seed) for f in features.values())
-  xy = joblib.Parallel(n_jobs=min(len(features), os.cpu_count() or 1))(jobs)
-  embeddings = dict(zip(features, xy))
-  checkpoints.save(path, 0, arrays=embeddings, record={"seconds": time.perf_counter() - t0},
-                   arrays_name="embeddings")
-  return embeddings
+  with threadpoolctl.threadpool_limits(limits=threads, user_api="openmp"):
+    xy = report.tsne(features, config.tsne.perplexity, config.seed)
+  checkpoints.save(path, 0, arrays={"xy": xy}, record={"seconds": time.perf_counter() - t0},
+                   arrays_name="embedding")
+  return xy
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -191,40 +241,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return [train.Phase("train", objectives.cross_entropy,
                         {"data": train.Stream(pool, epochs=config.train_epochs)})]
 
-  parallel = _concurrent(config)
   train_lr, unlearn_lr = config.optimizer.learning_rate, config.optimizer.unlearn_learning_rate
-  done = _stages(trainer, workdir, [
-      ("original", init_params, supervised("all"), jax.random.fold_in(key, 1), train_lr),
-      ("gold", init_params, supervised("retain"), jax.random.fold_in(key, 2), train_lr),
-  ], abstract, parallel)
   method_names = (config.methods,) if isinstance(config.methods, str) else tuple(config.methods)
-  done.update(_stages(trainer, workdir, [
-      (name, done["original"][0], methods.METHODS[name].phases(config),
-       jax.random.fold_in(key, 100 + i), unlearn_lr)
-      for i, name in enumerate(method_names)], abstract, parallel))
-  params = {name: p for name, (p, _) in done.items()}
-  seconds = {name: t for name, (_, t) in done.items()}
-
   names = dict(DISPLAY_NAMES, **{m: methods.METHODS[m].DISPLAY_NAME for m in method_names})
   tsne_idx = evaluate.tsne_indices(
       data.train_labels, fc, batch_size=config.batch_size, num_retain=config.tsne.num_retain,
       num_forget=config.tsne.num_forget, seed=config.seed)
-  results, feats = {}, {}
-  order = ["gold", "original", *method_names]  # gold first: the others are compared with it
-  gold_probs = None
-  for name in order:
-    results[name], test_probs, feats[name] = _evaluate(
-        trainer, workdir, name, params[name], data, fc, gold_probs, tsne_idx)
-    results[name]["seconds"] = seconds[name]
-    if name == "gold":
-      gold_probs = test_probs
-  results = {m: results[m] for m in ["original", "gold", *method_names]}
+  workers = _workers(config)
 
+  # The study as tasks with dependencies: training stages, then each model's evaluation
+  # (the others' JSD needs Gold's) and t-SNE. Several run at once on a multi-core CPU;
+  # the longest chain (Original, then its longest method) goes first. Results do not
+  # depend on the order: every stage has its own random key and checkpoint.
+  stages = {
+      "original": (None, supervised("all"), jax.random.fold_in(key, 1), train_lr),
+      "gold": (None, supervised("retain"), jax.random.fold_in(key, 2), train_lr),
+      **{m: ("original", methods.METHODS[m].phases(config), jax.random.fold_in(key, 100 + i),
+             unlearn_lr) for i, m in enumerate(method_names)}}
+  cost = {name: sum(trainer.steps_in(p) * len(p.streams) for p in phases)
+          for name, (_, phases, _, _) in stages.items()}
+  longest_method = max(cost[m] for m in method_names)
+  bars = _BarSlots()
+
+  def stage_task(name, parent, phases, rng, lr):
+    def fn(results, idle):
+      start = init_params if parent is None else results[parent][0]
+      with bars.take() as slot:
+        return _stage(trainer, workdir, abstract, name, start, phases, rng, lr, bar_position=slot)
+    priority = cost[name] + (longest_method if name == "original" else 0)
+    return _Task(fn, deps=() if parent is None else (parent,), priority=priority)
+
+  def eval_task(name):
+    def fn(results, idle):
+      gold = None if name == "gold" else results["eval/gold"][1]
+      return _evaluate(trainer, workdir, name, results[name][0], data, fc, gold, tsne_idx)
+    return _Task(fn, deps=(name,) if name == "gold" else (name, "eval/gold"), priority=-1)
+
+  def tsne_task(name):
+    def fn(results, idle):
+      return _tsne(workdir, name, results[f"eval/{name}"][2], config,
+                   threads=None if workers == 1 else 1 + idle)
+    return _Task(fn, deps=(f"eval/{name}",), priority=-2)
+
+  models = ["original", "gold", *method_names]
+  tasks = {name: stage_task(name, *stages[name]) for name in models}
+  tasks.update({f"eval/{name}": eval_task(name) for name in models})
+  if len(tsne_idx):
+    tasks.update({f"tsne/{name}": tsne_task(name) for name in models})
+  done = _run_tasks(tasks, workers, trainer.cancel)
+
+  results = {}
+  for name in models:
+    results[name] = done[f"eval/{name}"][0]
+    results[name]["seconds"] = done[name][1]
   png = None
   if len(tsne_idx):
     is_forget = data.train_labels[tsne_idx] == fc
-    embeddings = _tsne_embeddings(workdir, {m: feats[m] for m in results}, config)
-    png = report.tsne_figure(embeddings, is_forget, names)
+    png = report.tsne_figure({m: done[f"tsne/{m}"] for m in models}, is_forget, names)
   if jax.process_index() == 0:
     print(report.write(workdir, config_dict, results, names, png))
   return {"config": config_dict, "models": results}

@@ -72,7 +72,9 @@ def batch_table(key, pool_N, *, batch_size: int, width: int, num_steps: int, chu
   n = pool_N.shape[0]
   steps_per_epoch = -(-n // batch_size)
   epochs = -(-num_steps // steps_per_epoch)
-  perms_ExN = jax.vmap(lambda k: jax.random.permutation(k, pool_N))(jax.random.split(key, epochs))
+  # lax.map, not vmap: the same permutations, and XLA compiles one sort instead of a
+  # batched one (~0.4 s less per table shape).
+  perms_ExN = jax.lax.map(lambda k: jax.random.permutation(k, pool_N), jax.random.split(key, epochs))
   pad = steps_per_epoch * batch_size - n
   idx = jnp.pad(perms_ExN, ((0, 0), (0, pad))).reshape(-1, batch_size)[:num_steps]
   mask = jnp.pad(jnp.ones((epochs, n), jnp.float32), ((0, 0), (0, pad)))

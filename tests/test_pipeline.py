@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -160,7 +161,7 @@ def test_cli_override_and_one_line_error(tmp_path):
 
 def test_concurrent_stages_match_sequential(run, tmp_path):
   workdir, concurrent = run
-  assert pipeline._concurrent(tiny_config())  # the fixture's run had stages in parallel
+  assert pipeline._workers(tiny_config()) > 1  # the fixture's run had tasks in parallel (CI: 2 cores)
   c = tiny_config()
   c.concurrent_stages = False
   sequential = pipeline.train_and_evaluate(c, str(tmp_path))
@@ -187,3 +188,41 @@ def test_failing_stage_stops_its_concurrent_sibling(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="gold failed"):
     pipeline.train_and_evaluate(tiny_config(), str(tmp_path))
   assert not (tmp_path / "checkpoints" / "original").exists()  # cancelled, nothing half-saved
+
+
+def _task(fn, deps=(), priority=0.0):
+  return pipeline._Task(fn, deps, priority)
+
+
+def test_tasks_run_after_their_deps_highest_priority_first():
+  order = []
+  record = lambda name: _task(lambda results, idle: order.append(name) or (name, sorted(results)))
+  tasks = {"c": record("c"), "a": record("a"), "b": record("b")}
+  tasks["c"] = _task(tasks["c"].fn, deps=("a",), priority=9)  # high, but must wait for a
+  tasks["a"] = _task(tasks["a"].fn, priority=1)
+  tasks["b"] = _task(tasks["b"].fn, priority=5)
+  out = pipeline._run_tasks(tasks, 1, threading.Event())
+  assert order == ["b", "a", "c"]
+  assert out == {"b": ("b", []), "a": ("a", ["b"]), "c": ("c", ["a", "b"])}
+
+
+def test_tasks_run_at_once_on_several_workers():
+  b_started = threading.Event()
+  tasks = {"a": _task(lambda r, idle: b_started.wait(10) and idle),  # needs b running beside it
+           "b": _task(lambda r, idle: b_started.set() or idle)}
+  assert pipeline._run_tasks(tasks, 2, threading.Event()) == {"a": 1, "b": 0}
+
+
+def test_failing_task_cancels_the_others_and_raises():
+  cancel = threading.Event()
+
+  def fail(results, idle):
+    raise ValueError("boom")
+
+  tasks = {"slow": _task(lambda r, idle: cancel.wait(10)), "fail": _task(fail),
+           "after": _task(lambda r, idle: pytest.fail("ran after a failure"), deps=("fail",))}
+  with pytest.raises(ValueError, match="boom"):
+    pipeline._run_tasks(tasks, 2, cancel)
+  assert cancel.is_set()
+  with pytest.raises(ValueError, match="wait on tasks that do not exist"):
+    pipeline._run_tasks({"a": _task(lambda r, idle: 1, deps=("x",))}, 2, threading.Event())
