@@ -95,11 +95,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.steps_per_chunk = 50
   # Show progress bars.
   c.progress = True
-  # Run independent stages at once (Original with Gold, then the methods) when JAX
-  # runs on the CPU in one process: small models leave one of the CPU's cores idle
-  # (1.4x more steps/s on 2 cores). Ignored on accelerators and multi-host runs.
-  # Results are identical either way; each stage's time is then its wall time
-  # while sharing the machine.
+  # Run independent work at once, one task per CPU core (Original with Gold, the
+  # methods, each model's evaluation and t-SNE as soon as it is trained) when JAX
+  # runs on the CPU in one process: small models leave cores idle. Ignored on
+  # accelerators and multi-host runs. Results are identical either way; each
+  # stage's time is then its wall time while sharing the machine.
   c.concurrent_stages = True
   # Call jax.distributed.initialize() first (multi-host runs: one process per host,
   # coordinator from the environment, e.g. on Cloud TPU or under SLURM).

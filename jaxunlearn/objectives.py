@@ -15,12 +15,6 @@ def cross_entropy(apply_fn, params, batch):
   return losses.cross_entropy(logits_BxC, b["label"], b["mask"]), {}
 
 
-def negated_cross_entropy(apply_fn, params, batch):
-  b = batch["data"]
-  logits_BxC, _ = apply_fn(params, b["image"])
-  return losses.negated_cross_entropy(logits_BxC, b["label"], b["mask"]), {}
-
-
 def kl_uniform(apply_fn, params, batch):
   b = batch["data"]
   logits_BxC, _ = apply_fn(params, b["image"])

@@ -208,7 +208,7 @@ def _tsne(workdir, name, features, config, threads: int | None) -> np.ndarray:
   restored = checkpoints.restore(path, arrays_name="embedding")
   if restored is not None:
     return np.asarray(restored[0]["xy"])
-  import threadpoolctl  # scikit-learn's dependency
+  import threadpoolctl
   t0 = time.perf_counter()
   with threadpoolctl.threadpool_limits(limits=threads, user_api="openmp"):
     xy = report.tsne(features, config.tsne.perplexity, config.seed)
@@ -288,7 +288,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tasks.update({f"eval/{name}": eval_task(name) for name in models})
   if len(tsne_idx):
     tasks.update({f"tsne/{name}": tsne_task(name) for name in models})
-  done = _run_tasks(tasks, workers, trainer.cancel)
+  import threadpoolctl  # scikit-learn's dependency
+  # numpy's BLAS (t-SNE's PCA) one thread per task while tasks share the cores: its
+  # threads spin-wait beside XLA's. Process-wide, so set here once, not per task.
+  with threadpoolctl.threadpool_limits(limits=1 if workers > 1 else None, user_api="blas"):
+    done = _run_tasks(tasks, workers, trainer.cancel)
 
   results = {}
   for name in models:

@@ -51,6 +51,9 @@ class Phase:
   name: str
   objective: Objective
   streams: Mapping[str, Stream]  # batch key (what the objective reads) -> stream
+  # +1 minimises the objective, -1 maximises it (gradient ascent). A traced input,
+  # so both directions share one compiled step.
+  sign: float = 1.0
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -60,29 +63,48 @@ def make_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "width", "num_steps", "chunk"))
-def batch_table(key, pool_N, *, batch_size: int, width: int, num_steps: int, chunk: int):
-  """Indices and mask, each (num_chunks, chunk, width), of `num_steps` batches.
+def epoch_keys(key: jax.Array, num_epochs: int) -> jax.Array:
+  """One key per epoch, `jax.random.split(key, n)[:num_epochs]` for a padded n >= num_epochs.
 
-  Each epoch is a fresh permutation of `pool_N` cut into ceil(N / batch_size)
-  batches; the last one is partial. Rows are padded from batch_size to `width`
-  (a multiple of the device count), and steps up to a whole number of chunks;
-  padding has mask 0.
+  A threefry split's first keys do not depend on how many are split (jax's default
+  partitionable threefry; `tests/test_train.py` checks it), so one padded size
+  serves every stage and the tables below compile once per pool.
+  """
+  n = max(256, 1 << (num_epochs - 1).bit_length())
+  return _split(key, n)
+
+
+_split = jax.jit(jax.random.split, static_argnums=1)
+
+
+def chunk_table(keys_E, pool_N, c, num_steps, *, batch_size: int, width: int, chunk: int):
+  """Indices and mask, each (chunk, width), of steps [c * chunk, (c + 1) * chunk) of a stream.
+
+  Epoch e is the permutation of `pool_N` drawn with keys_E[e], cut into
+  S = ceil(N / batch_size) batches, the last one partial; step s is batch s % S of
+  epoch s // S. Rows are padded from batch_size to `width` (a multiple of the
+  device count), and steps from `num_steps` on are padding; padding has index 0
+  and mask 0. `c` and `num_steps` are traced, so one compile serves every chunk
+  and stage drawing from pools of this size. keys_E needs
+  (c * chunk + chunk) // S + 2 keys at least.
   """
   n = pool_N.shape[0]
-  steps_per_epoch = -(-n // batch_size)
-  epochs = -(-num_steps // steps_per_epoch)
-  # lax.map, not vmap: the same permutations, and XLA compiles one sort instead of a
-  # batched one (~0.4 s less per table shape).
-  perms_ExN = jax.lax.map(lambda k: jax.random.permutation(k, pool_N), jax.random.split(key, epochs))
-  pad = steps_per_epoch * batch_size - n
-  idx = jnp.pad(perms_ExN, ((0, 0), (0, pad))).reshape(-1, batch_size)[:num_steps]
-  mask = jnp.pad(jnp.ones((epochs, n), jnp.float32), ((0, 0), (0, pad)))
-  mask = mask.reshape(-1, batch_size)[:num_steps]
-  total = -(-num_steps // chunk) * chunk
-  pad2 = ((0, total - num_steps), (0, width - batch_size))
-  idx, mask = jnp.pad(idx, pad2), jnp.pad(mask, pad2)
-  return idx.reshape(-1, chunk, width).astype(jnp.int32), mask.reshape(-1, chunk, width)
+  S = -(-n // batch_size)
+  m = (chunk - 1) // S + 2  # epochs one chunk can touch
+  first = c * chunk // S
+  keys = jax.lax.dynamic_slice_in_dim(keys_E, first, m)
+  # lax.map, not vmap: the same permutations, and XLA compiles one sort, not a batched one.
+  perms_mxN = jax.lax.map(lambda k: jax.random.permutation(k, pool_N), keys)
+  pad = ((0, 0), (0, S * batch_size - n))
+  rows_idx = jnp.pad(perms_mxN, pad).reshape(m * S, batch_size)
+  rows_mask = jnp.pad(jnp.ones((m, n), jnp.float32), pad).reshape(m * S, batch_size)
+  steps_K = c * chunk + jnp.arange(chunk)
+  live_K = steps_K < num_steps
+  rows_K = steps_K - first * S
+  idx = jnp.where(live_K[:, None], rows_idx[rows_K], 0).astype(jnp.int32)
+  mask = rows_mask[rows_K] * live_K[:, None]
+  pad_width = ((0, 0), (0, width - batch_size))
+  return jnp.pad(idx, pad_width), jnp.pad(mask, pad_width)
 
 
 class Trainer:
@@ -123,9 +145,10 @@ class Trainer:
     self.cancel = threading.Event()
     self._predict_fn = jax.jit(self._predict, static_argnames=("num_batches",))
     self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=self.replicated)
-    # Chunk c of every stream's tables; c is traced, so one compile serves all chunks.
-    self._take_chunk = jax.jit(lambda tables, c: jax.tree.map(lambda a: a[c], tables),
-                               out_shardings=self.table_sharded)
+    # One chunk of a stream's batch indices and masks, drawn on the devices.
+    self.chunk_table = jax.jit(
+        functools.partial(chunk_table, batch_size=batch_size, width=self.width,
+                          chunk=steps_per_chunk), out_shardings=self.table_sharded)
     # Incremented each time a chunk function is traced (tests check: once per objective).
     self.num_traces = 0
 
@@ -170,8 +193,11 @@ class Trainer:
       batch = {}
       for name, (idx_B, mask_B) in x["streams"].items():
         batch[name] = dict(image=images_N[idx_B], label=labels_N[idx_B], mask=mask_B)
-      (loss, aux), grads = jax.value_and_grad(objective, argnums=1, has_aux=True)(
-          self.apply, params, batch)
+      def signed(params):
+        loss, aux = objective(self.apply, params, batch)
+        return x["sign"] * loss, aux
+
+      (loss, aux), grads = jax.value_and_grad(signed, has_aux=True)(params)
       updates, new_opt = self.tx.update(grads, opt_state, params)
       examples = sum(jnp.sum(m) for _, m in x["streams"].values())
       return (optax.apply_updates(params, updates), new_opt), dict(loss=loss, examples=examples, **aux)
@@ -204,13 +230,14 @@ class Trainer:
       num_chunks = -(-num_steps // K)
       total = num_chunks * K
       pkey = jax.random.fold_in(rng, p_i)
-      streams = {
-          name: batch_table(jax.random.fold_in(pkey, s_i), self.pools[s.pool],
-                            batch_size=self.batch_size, width=self.width,
-                            num_steps=num_steps, chunk=K)
-          for s_i, (name, s) in enumerate(sorted(phase.streams.items()))}
+      streams = {}  # batch key -> (epoch keys, pool)
+      for s_i, (name, s) in enumerate(sorted(phase.streams.items())):
+        per_epoch = -(-int(self.pools[s.pool].shape[0]) // self.batch_size)
+        keys = epoch_keys(jax.random.fold_in(pkey, s_i), total // per_epoch + K // per_epoch + 2)
+        streams[name] = (keys, self.pools[s.pool])
       active = (np.arange(num_chunks * K) < num_steps).reshape(num_chunks, K)
       fn = self._chunk_fn(phase.objective, tuple(sorted(phase.streams)))
+      sign = np.full(K, phase.sign, np.float32)
       bar = tqdm(total=num_steps, desc=f"{desc}/{phase.name}", disable=not self.progress,
                  unit="step", dynamic_ncols=True, leave=True, position=bar_position)
       pending, t0, seen = None, time.perf_counter(), 0
@@ -218,7 +245,9 @@ class Trainer:
         if self.cancel.is_set():
           raise Cancelled(f"{desc}: stopped because another stage failed")
         if c < num_chunks:
-          xs = dict(active=active[c], streams=self._take_chunk(streams, c))
+          tables = {name: self.chunk_table(keys, pool, c, num_steps)
+                    for name, (keys, pool) in streams.items()}
+          xs = dict(active=active[c], sign=sign, streams=tables)
           state, metrics = fn(state, self.train, xs)
         # Read the previous chunk's metrics while this one runs: no host stall.
         if pending is not None:

@@ -15,7 +15,10 @@ For each (model, batch size, dtype) it measures, on JAX's default backend:
     reported; called in turn with the JAX CE step, round by round, so a busy
     machine slows both alike) and under `torch.compile` (right after, in a
     subprocess with a timeout);
-  * a large jitted matmul in float32 and bfloat16: the machine's practical peak.
+  * a large jitted matmul in float32 and bfloat16: the machine's practical peak;
+  * with --gemms, each dense layer's three matmuls (forward, input and weight
+    gradient) alone, in JAX and in PyTorch: how fast the two libraries' GEMM
+    kernels are at the step's shapes, apart from everything else in the step.
 
 Also `ce_train_jit`: the CE step body in a plain jit, one dispatch per step (not
 what the study runs; it isolates what the chunk's lax.scan costs).
@@ -76,15 +79,16 @@ def _model_spec(name: str) -> dict[str, Any]:
   raise ValueError(f"--model: unknown model {name!r}; allowed: ti16, digits")
 
 
-# Step name -> (objective, {batch key the objective reads: pool it draws from}).
-def _jax_steps() -> dict[str, tuple[Callable, dict[str, str]]]:
+# Step name -> (objective, {batch key the objective reads: pool it draws from}, sign),
+# as the methods' phases set them (gradient ascent: CE with sign -1).
+def _jax_steps() -> dict[str, tuple[Callable, dict[str, str], float]]:
   temperature = config_lib.get_base_config().two_stage.temperature
   return {
-      "ce_train": (objectives.cross_entropy, {"data": "all"}),
-      "negated_ce": (objectives.negated_cross_entropy, {"data": "forget"}),
-      "kl_uniform": (objectives.kl_uniform, {"data": "forget"}),
+      "ce_train": (objectives.cross_entropy, {"data": "all"}, 1.0),
+      "negated_ce": (objectives.cross_entropy, {"data": "forget"}, -1.0),
+      "kl_uniform": (objectives.kl_uniform, {"data": "forget"}, 1.0),
       "contrastive_retain": (two_stage._stage2_objective(temperature),
-                             {"forget": "forget", "retain": "retain"}),
+                             {"forget": "forget", "retain": "retain"}, 1.0),
   }
 
 
@@ -132,14 +136,14 @@ def _fresh_state(trainer: train.Trainer, params):
   return params, jax.device_put(opt_state, trainer.replicated)
 
 
-def _chunk_inputs(trainer: train.Trainer, pools: dict[str, str], num_steps: int):
-  """xs of one chunk of `num_steps` steps, exactly as Trainer.run feeds its chunk function."""
-  streams = {
-      name: train.batch_table(jax.random.key(i), trainer.pools[pool],
-                              batch_size=trainer.batch_size, width=trainer.width,
-                              num_steps=num_steps, chunk=num_steps)
-      for i, (name, pool) in enumerate(sorted(pools.items()))}
-  return dict(active=np.ones(num_steps, bool), streams=trainer._take_chunk(streams, 0))
+def _chunk_inputs(trainer: train.Trainer, pools: dict[str, str], sign: float = 1.0):
+  """xs of one chunk (steps_per_chunk steps), exactly as Trainer.run feeds its chunk function."""
+  num_steps = trainer.steps_per_chunk
+  streams = {name: trainer.chunk_table(train.epoch_keys(jax.random.key(i), num_steps + 2),
+                                       trainer.pools[pool], 0, num_steps)
+             for i, (name, pool) in enumerate(sorted(pools.items()))}
+  return dict(active=np.ones(num_steps, bool), sign=np.full(num_steps, sign, np.float32),
+              streams=streams)
 
 
 def _loop_body_counted_once() -> dict:
@@ -211,11 +215,12 @@ class _JaxStep:
   """One of the Trainer's compiled chunk functions, ready to time repeatedly."""
   scanned = True  # its cost analysis covers a lax.scan of K steps
 
-  def __init__(self, trainer: train.Trainer, params, objective, pools: dict[str, str]):
+  def __init__(self, trainer: train.Trainer, params, objective, pools: dict[str, str],
+               sign: float):
     self.K = trainer.steps_per_chunk
     self.examples_per_step = trainer.batch_size * len(pools)  # images through the model
     fn = trainer._chunk_fn(objective, tuple(sorted(pools)))
-    self.xs = _chunk_inputs(trainer, pools, self.K)
+    self.xs = _chunk_inputs(trainer, pools, sign)
     self.state = _fresh_state(trainer, params)
     self.train = trainer.train
     # The same jit Trainer.run calls; lower+compile ahead of time to time the compile.
@@ -239,7 +244,7 @@ class _JaxPlainStep:
   def __init__(self, trainer: train.Trainer, params):
     self.K = trainer.steps_per_chunk  # dispatches per timed call
     self.examples_per_step = trainer.batch_size
-    tables = _chunk_inputs(trainer, {"data": "all"}, 1)["streams"]["data"]
+    tables = _chunk_inputs(trainer, {"data": "all"})["streams"]["data"]
     idx_B, mask_B = (a[0] for a in tables)
     self.args = (trainer.train, idx_B, mask_B)
     self.state = _fresh_state(trainer, params)
@@ -419,6 +424,65 @@ def torch_matmul_peak(n: int, dtype: str, num_calls: int, threads: int) -> dict:
   sync(a @ b)
   s = statistics.median(_time_calls(lambda: a @ b, num_calls, sync))
   return dict(n=n, ms=1e3 * s, gflops_per_s=2 * n**3 / s / 1e9)
+
+
+# ------------------------------------------------------------ dense GEMMs ----
+
+def gemm_shapes(vit: dict, batch_size: int) -> list[tuple[str, int, int, int]]:
+  """(layer, rows, in, out) of each dense layer of a ViT block at this batch size."""
+  rows = batch_size * ((vit["image_size"] // vit["patch_size"]) ** 2 + 1)
+  D, M = vit["hidden_size"], vit["mlp_dim"]
+  return [("qkv", rows, D, 3 * D), ("proj", rows, D, D), ("fc1", rows, D, M), ("fc2", rows, M, D)]
+
+
+def gemm_comparison(vit: dict, batch_size: int, num_calls: int, threads: int) -> list[dict]:
+  """Each dense layer's three matmuls, alone, in JAX (jit) and PyTorch on the same data.
+
+  forward x @ W, input gradient dy @ W^T, weight gradient x^T @ dy: the GEMMs that
+  take half of a ViT-Ti train step. Tells the kernels' speed apart from the rest
+  of the step (layout, fusion, memory), in fp32 on the CPU (or JAX's GPU).
+  """
+  import torch
+  torch.set_num_threads(threads)
+  device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+  torch_sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
+  ops = {"forward": lambda x, w, dy: (x, w, lambda a, b: a @ b),
+         "input_grad": lambda x, w, dy: (dy, w, lambda a, b: a @ b.T),
+         "weight_grad": lambda x, w, dy: (x, dy, lambda a, b: a.T @ b)}
+  out = []
+  for layer, R, I, O in gemm_shapes(vit, batch_size):
+    r = np.random.default_rng(0)
+    x, w, dy = (r.standard_normal(shape, dtype=np.float32) for shape in ((R, I), (I, O), (R, O)))
+    for op, pick in ops.items():
+      a, b, f = pick(x, w, dy)
+      ja, jb = jnp.asarray(a), jnp.asarray(b)
+      jf = jax.jit(f).lower(ja, jb).compile()
+      jax.block_until_ready(jf(ja, jb))
+      j_s = statistics.median(_time_calls(lambda: jf(ja, jb), num_calls, jax.block_until_ready))
+      ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
+      torch_sync(f(ta, tb))
+      t_s = statistics.median(_time_calls(lambda: f(ta, tb), num_calls, torch_sync))
+      gflop = 2 * R * I * O / 1e9
+      out.append(dict(layer=layer, op=op, rows=R, inputs=I, outputs=O, jax_ms=1e3 * j_s,
+                      torch_ms=1e3 * t_s, jax_gflops_per_s=gflop / j_s,
+                      torch_gflops_per_s=gflop / t_s, jax_over_torch=t_s / j_s))
+  return out
+
+
+def gemm_table(results: list[dict]) -> str:
+  head = ["model", "batch", "layer", "matmul", "M x K x N", "JAX ms", "PyTorch ms",
+          "JAX GFLOP/s", "PyTorch GFLOP/s", "JAX/PyTorch"]
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for res in results:
+    for g in res.get("gemms", []):
+      mkn = {"forward": (g["rows"], g["inputs"], g["outputs"]),
+             "input_grad": (g["rows"], g["outputs"], g["inputs"]),
+             "weight_grad": (g["inputs"], g["rows"], g["outputs"])}[g["op"]]
+      rows.append("| " + " | ".join([
+          res["model"], str(res["batch_size"]), g["layer"], g["op"], " x ".join(map(str, mkn)),
+          _fmt(g["jax_ms"], ".2f"), _fmt(g["torch_ms"], ".2f"), _fmt(g["jax_gflops_per_s"], ".0f"),
+          _fmt(g["torch_gflops_per_s"], ".0f"), _fmt(g["jax_over_torch"], ".2f")]) + " |")
+  return "\n".join(rows)
 
 
 # ------------------------------------------------------------- one config ----
@@ -602,6 +666,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--torch_compile_timeout", type=float, default=900.0, help="seconds")
   p.add_argument("--matmul_size", type=int, default=0, help="0: 2048 on CPU, 8192 on GPU/TPU")
+  p.add_argument("--gemms", action="store_true",
+                 help="also time each dense layer's three matmuls alone, JAX vs PyTorch (fp32)")
   p.add_argument("--out", default="benchmark.json")
   p.add_argument("--fast_compile", action="store_true",
                  help="XLA backend optimisation level 0: faster compiles, slower steps")
@@ -661,6 +727,10 @@ def main(argv: list[str] | None = None) -> dict:
     for dtype in args.dtypes:
       print(f"{m} batch {b} {dtype}", flush=True)
       res, body_once = benchmark_config(specs[m], b, dtype, args, peak, body_once)
+      if args.gemms and dtype == "float32":
+        print(f"{m} batch {b}: dense-layer GEMMs, JAX vs PyTorch", flush=True)
+        res["gemms"] = gemm_comparison(specs[m]["vit"], b, num_calls=max(3, args.steps // 4),
+                                       threads=args.torch_threads)
       results.append(res)
   info["load_average_1m_end"] = os.getloadavg()[0]
   out = dict(machine=info, settings={k: v for k, v in vars(args).items() if k != "torch_worker"},
@@ -668,11 +738,15 @@ def main(argv: list[str] | None = None) -> dict:
              total_s=time.perf_counter() - t_start)
   table = markdown_table(results)
   out["table"] = table
+  if args.gemms:
+    out["gemm_table"] = gemm_table(results)
   with open(args.out, "w") as f:
     json.dump(out, f, indent=2)
   print(f"\npeak matmul GFLOP/s: float32 {peak['float32']['gflops_per_s']:.0f}, "
         f"bfloat16 {peak['bfloat16']['gflops_per_s']:.0f} (JAX, {n}^3)")
   print(table)
+  if args.gemms:
+    print("\n" + out["gemm_table"])
   print(f"\nwrote {args.out} ({out['total_s']:.0f} s)")
   return out
 

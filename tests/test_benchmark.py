@@ -18,7 +18,7 @@ def _load_benchmark():
 def test_quick_run_writes_positive_numbers(tmp_path):
   benchmark = _load_benchmark()
   out_path = tmp_path / "bench.json"
-  benchmark.main(["--quick", "--out", str(out_path)])
+  benchmark.main(["--quick", "--gemms", "--out", str(out_path)])
   out = json.loads(out_path.read_text())
 
   assert out["machine"]["jax_devices"] and out["machine"]["cpu_count"] >= 1
@@ -55,3 +55,13 @@ def test_quick_run_writes_positive_numbers(tmp_path):
   assert res["jax_over_torch_eager"] > 0
   assert res["chunk_over_jit_time"] > 0  # the Trainer's scanned step vs the same body jitted alone
   assert "| digits | 8 | float32 | ce_train |" in out["table"]
+
+  # --gemms: every dense layer's forward, input- and weight-gradient matmul, both libraries.
+  assert [(g["layer"], g["op"]) for g in res["gemms"]] == [
+      (layer, op) for layer in ("qkv", "proj", "fc1", "fc2")
+      for op in ("forward", "input_grad", "weight_grad")]
+  rows = 8 * ((8 // 2) ** 2 + 1)  # batch x tokens of the digits ViT (patch 2, width 64)
+  assert res["gemms"][0]["rows"] == rows and res["gemms"][0]["outputs"] == 3 * 64
+  for g in res["gemms"]:
+    assert g["jax_ms"] > 0 and g["torch_ms"] > 0 and g["jax_over_torch"] > 0
+  assert f"| digits | 8 | qkv | weight_grad | 64 x {rows} x 192 |" in out["gemm_table"]

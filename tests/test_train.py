@@ -33,11 +33,62 @@ def one_device_mesh():
                        devices=jax.devices()[:1])
 
 
-def test_batch_table_epoch_semantics():
+def whole_stream(key, pool, *, batch_size, width, num_steps, chunk):
+  """Every chunk_table of a stream, stacked: (num_chunks, chunk, width) indices and mask."""
+  per_epoch = -(-pool.shape[0] // batch_size)
+  num_chunks = -(-num_steps // chunk)
+  keys = train.epoch_keys(key, num_chunks * chunk // per_epoch + chunk // per_epoch + 2)
+  out = [train.chunk_table(keys, pool, c, num_steps, batch_size=batch_size, width=width,
+                           chunk=chunk) for c in range(num_chunks)]
+  return np.stack([np.asarray(i) for i, _ in out]), np.stack([np.asarray(m) for _, m in out])
+
+
+def reference_stream(key, pool, *, batch_size, width, num_steps, chunk):
+  """The same with numpy: whole epochs of jax.random.permutation, cut into batches."""
+  n = pool.shape[0]
+  per_epoch = -(-n // batch_size)
+  epochs = -(-num_steps // per_epoch)
+  idx, mask = [], []
+  for k in jax.random.split(key, epochs):
+    perm = np.asarray(jax.random.permutation(k, pool))
+    for j in range(per_epoch):
+      part = perm[j * batch_size:(j + 1) * batch_size]
+      idx.append(np.pad(part, (0, width - len(part))))
+      mask.append(np.pad(np.ones(len(part), np.float32), (0, width - len(part))))
+  num_chunks = -(-num_steps // chunk)
+  idx = np.zeros((num_chunks * chunk, width), np.int32) + np.pad(
+      np.array(idx[:num_steps]), ((0, num_chunks * chunk - num_steps), (0, 0)))
+  mask = np.pad(np.array(mask[:num_steps]), ((0, num_chunks * chunk - num_steps), (0, 0)))
+  return idx.reshape(num_chunks, chunk, width), mask.reshape(num_chunks, chunk, width)
+
+
+def test_epoch_keys_are_a_prefix_of_any_split():
+  key = jax.random.key(3)
+  data = lambda k: np.asarray(jax.random.key_data(k))
+  np.testing.assert_array_equal(data(train.epoch_keys(key, 5))[:5], data(jax.random.split(key, 5)))
+  np.testing.assert_array_equal(data(train.epoch_keys(key, 300))[:300],
+                                data(jax.random.split(key, 300)))
+
+
+@pytest.mark.parametrize("n, batch_size, width, num_steps, chunk", [
+    (10, 4, 8, 7, 3),     # partial last batch, device padding, step padding
+    (10, 4, 4, 30, 4),    # many epochs per chunk
+    (133, 64, 64, 396, 50),  # digits' forget pool at the study's batch
+    (1214, 64, 64, 37, 50),  # one partial chunk
+])
+def test_chunk_tables_match_a_numpy_reference(n, batch_size, width, num_steps, chunk):
+  pool = jnp.arange(100, 100 + n, dtype=jnp.int32)
+  kw = dict(batch_size=batch_size, width=width, num_steps=num_steps, chunk=chunk)
+  got, want = whole_stream(jax.random.key(7), pool, **kw), reference_stream(jax.random.key(7), pool, **kw)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+
+
+def test_chunk_table_epoch_semantics():
   pool = jnp.arange(100, 110, dtype=jnp.int32)  # 10 examples, batch 4 -> 4, 4, 2
-  idx, mask = train.batch_table(jax.random.key(0), pool, batch_size=4, width=8, num_steps=7, chunk=3)
+  idx, mask = whole_stream(jax.random.key(0), pool, batch_size=4, width=8, num_steps=7, chunk=3)
   assert idx.shape == mask.shape == (3, 3, 8)
-  idx, mask = np.asarray(idx).reshape(9, 8), np.asarray(mask).reshape(9, 8)
+  idx, mask = idx.reshape(9, 8), mask.reshape(9, 8)
   np.testing.assert_array_equal(mask[:, 4:], 0)  # device padding
   np.testing.assert_array_equal(mask[7:], 0)  # steps padding up to whole chunks
   np.testing.assert_array_equal(mask[:7, :4].sum(1), [4, 4, 2, 4, 4, 2, 4])
@@ -65,10 +116,33 @@ def test_step_compiles_once_across_epochs_partial_batches_and_phases():
   t.run(params, ce("retain", 2), jax.random.key(2), "b", 1e-3)  # other pool, other lr
   t.run(params, ce("forget", 5), jax.random.key(3), "c", 1e-3)
   assert t.num_traces == 1
-  ga = [train.Phase("g", objectives.negated_cross_entropy, {"data": train.Stream("forget", epochs=2)})]
-  t.run(params, ga, jax.random.key(4), "d", 1e-3)
-  t.run(params, ga, jax.random.key(5), "d", 1e-3)
+  ga = [train.Phase("g", objectives.cross_entropy, {"data": train.Stream("forget", epochs=2)},
+                    sign=-1.0)]
+  t.run(params, ga, jax.random.key(4), "d", 1e-3)  # gradient ascent: the same step
+  assert t.num_traces == 1
+  kl = [train.Phase("k", objectives.kl_uniform, {"data": train.Stream("forget", epochs=2)})]
+  t.run(params, kl, jax.random.key(5), "e", 1e-3)
+  t.run(params, kl, jax.random.key(6), "e", 1e-3)
   assert t.num_traces == 2
+
+
+def test_sign_minus_one_ascends():
+  # Sign -1 on CE must equal minimising losses.negated_cross_entropy, bit for bit.
+  def negated_ce(apply_fn, params, batch):
+    b = batch["data"]
+    return losses.negated_cross_entropy(apply_fn(params, b["image"])[0], b["label"], b["mask"]), {}
+
+  data = tiny_data()
+  stream = {"data": train.Stream("forget", epochs=3)}
+  out = []
+  for phase in (train.Phase("g", objectives.cross_entropy, stream, sign=-1.0),
+                train.Phase("g", negated_ce, stream)):
+    t, params = tiny_trainer(data)
+    out.append(t.run(params, [phase], jax.random.key(4), "g", 0.1))
+  (pa, log_a), (pb, log_b) = out
+  assert log_a["loss"] == log_b["loss"] and log_a["loss"][0] < 0
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_chunked_scan_matches_step_by_step():
@@ -140,9 +214,9 @@ def test_two_stage_retain_stream_cycles_without_reset():
   data = tiny_data()
   t, _ = tiny_trainer(data)
   n_retain = int((data.train_labels != 0).sum())
-  idx, mask = train.batch_table(jax.random.key(0), t.pools["retain"], batch_size=8, width=8,
-                                num_steps=9, chunk=9)
-  idx, mask = np.asarray(idx)[0], np.asarray(mask)[0]
+  idx, mask = whole_stream(jax.random.key(0), t.pools["retain"], batch_size=8, width=8,
+                           num_steps=9, chunk=9)
+  idx, mask = idx[0], mask[0]
   per_epoch = -(-n_retain // 8)
   assert per_epoch < 9  # the stream outlasts one pass and restarts, reshuffled
   first = idx[:per_epoch][mask[:per_epoch] > 0]

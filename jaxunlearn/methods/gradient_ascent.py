@@ -5,5 +5,6 @@ DISPLAY_NAME = "Gradient Ascent"
 
 
 def phases(config):
-  return [train.Phase("gradient_ascent", objectives.negated_cross_entropy,
-                      {"data": train.Stream("forget", epochs=config.unlearn_epochs)})]
+  # Minus the cross-entropy, minimised: the step CE training compiled, run with sign -1.
+  return [train.Phase("gradient_ascent", objectives.cross_entropy,
+                      {"data": train.Stream("forget", epochs=config.unlearn_epochs)}, sign=-1.0)]
