@@ -226,3 +226,13 @@ def test_failing_task_cancels_the_others_and_raises():
   assert cancel.is_set()
   with pytest.raises(ValueError, match="wait on tasks that do not exist"):
     pipeline._run_tasks({"a": _task(lambda r, idle: 1, deps=("x",))}, 2, threading.Event())
+
+
+def test_progress_bars_take_the_lowest_free_line():
+  slots = pipeline._BarSlots()
+  with slots.take() as a, slots.take() as b:
+    assert (a, b) == (0, 1)
+    with slots.take() as c:
+      assert c == 2
+  with slots.take() as a:
+    assert a == 0  # freed lines are reused
