@@ -23,8 +23,9 @@ i.e. 396 forget-batch steps for gradient ascent and two-stage (stage 2), and
 132 epochs over the retain set (2,508 steps) for fine-tuning.
 
 Expected (seed 42; 3,300 + 2,850 training and 3,301 unlearning steps; the whole
-command ~90-130 s on this 2-core CPU, with independent work running at once; a
-rerun on the same workdir reuses every stage and takes seconds):
+command ~90-130 s on this 2-core CPU, with independent work running at once, ~85 s
+once the compilation cache holds its steps; a rerun on the same workdir reuses
+every stage and takes seconds):
 
 | Model           | Forget Acc (train) | Retain Acc (test) | Entropy (F) | JSD to Gold |
 |-----------------|-------------------:|------------------:|------------:|------------:|

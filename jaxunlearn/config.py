@@ -6,6 +6,8 @@ with a one-line error that names it and what is allowed.
 """
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 import ml_collections
 
@@ -101,6 +103,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # accelerators and multi-host runs. Results are identical either way; each
   # stage's time is then its wall time while sharing the machine.
   c.concurrent_stages = True
+  # JAX's persistent compilation cache: compiled steps are kept on disk and reused by
+  # later runs of the same shapes (another seed, forget class, method list...): on
+  # the 2-core CPU a second digits run needs ~40 CPU-seconds less. "" turns it off;
+  # a cache dir set through JAX (JAX_COMPILATION_CACHE_DIR) takes precedence. Takes
+  # effect when set before the process's first compilation (the CLI does).
+  c.compilation_cache = os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxunlearn", "xla")
   # Call jax.distributed.initialize() first (multi-host runs: one process per host,
   # coordinator from the environment, e.g. on Cloud TPU or under SLURM).
   c.distributed = False
@@ -149,6 +158,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _fail("model.patch_size", f"{sizes['patch_size']} does not divide image_size {sizes['image_size']}")
     if sizes["hidden_size"] % sizes["num_heads"]:
       _fail("model.num_heads", f"{sizes['num_heads']} does not divide hidden_size {sizes['hidden_size']}")
+  if not isinstance(c.compilation_cache, str):
+    _fail("compilation_cache", f"must be a folder path or \"\" (off), got {c.compilation_cache!r}")
   if not isinstance(c.concurrent_stages, bool):
     _fail("concurrent_stages", f"must be true or false, got {c.concurrent_stages!r}")
   if not 0 < c.data.test_size < 1:

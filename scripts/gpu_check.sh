@@ -39,8 +39,9 @@ fi
 
 step "study pipeline on synthetic CIFAR-shaped data"
 workdir=$(mktemp -d)
+# A fresh compilation cache: the time includes every compile, as on a first run.
 args=(--config configs/cifar10_vit_tiny.py --workdir "$workdir" --config.data.name=synthetic
-      --config.model.init= --config.progress=false)
+      --config.model.init= --config.progress=false --config.compilation_cache="$workdir/xla")
 $smoke && args+=(--config.data.synthetic.num_train=256 --config.data.synthetic.num_test=64
                  --config.model.variant= --config.model.image_size=32 --config.model.patch_size=8
                  --config.model.hidden_size=32 --config.model.depth=1 --config.model.num_heads=2

@@ -113,6 +113,7 @@ def test_failed_run_keeps_earlier_results(run, monkeypatch):
     ("model.variant", "Ti/32", "config.model.variant: unknown variant"),
     ("optimizer.learning_rate", 0.0, "config.optimizer.learning_rate: must be positive"),
     ("two_stage.temperature", -1.0, "config.two_stage.temperature: must be positive"),
+    ("compilation_cache", None, 'config.compilation_cache: must be a folder path or "" (off)'),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
   c = tiny_config()
@@ -236,3 +237,21 @@ def test_progress_bars_take_the_lowest_free_line():
       assert c == 2
   with slots.take() as a:
     assert a == 0  # freed lines are reused
+
+
+def test_compilation_cache_is_used_unless_jax_has_one(tmp_path):
+  # Under pytest JAX already has a cache dir (conftest): the config's path must not replace it.
+  before = jax.config.jax_compilation_cache_dir
+  pipeline.use_compilation_cache(str(tmp_path / "ignored"))
+  assert jax.config.jax_compilation_cache_dir == before
+  # In a fresh process without one, a compile lands in the config's folder.
+  script = (
+      "import jax, jax.numpy as jnp\n"
+      "from jaxunlearn import pipeline, model\n"
+      f"pipeline.use_compilation_cache({str(tmp_path / 'cache')!r})\n"
+      "vit = model.ViT(num_classes=10, image_size=8, patch_size=2, hidden_size=64, depth=2,\n"
+      "                num_heads=4, mlp_dim=128)\n"
+      "model.init_params(vit, jax.random.key(0), 1)\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "XLA_FLAGS")}
+  subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env, timeout=120)
+  assert os.listdir(tmp_path / "cache")
