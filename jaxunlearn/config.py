@@ -105,7 +105,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.concurrent_stages = True
   # JAX's persistent compilation cache: compiled steps are kept on disk and reused by
   # later runs of the same shapes (another seed, forget class, method list...): on
-  # the 2-core CPU a second digits run needs ~40 CPU-seconds less. "" turns it off;
+  # the 2-core CPU a second digits run needed 12-38 CPU-seconds less. "" turns it off;
   # a cache dir set through JAX (JAX_COMPILATION_CACHE_DIR) takes precedence. Takes
   # effect when set before the process's first compilation (the CLI does).
   c.compilation_cache = os.path.join(

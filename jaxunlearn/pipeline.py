@@ -186,13 +186,13 @@ def _evaluate(trainer, workdir, name, params, data, forget_class, gold_test_prob
     return summary, np.asarray(outputs["test_probs"]), None if feats is None else np.asarray(feats)
   train_probs, train_feats = trainer.predict(params, "train")
   test_probs, _ = trainer.predict(params, "test")
-  # Gold's probabilities as a host array for every model (restored ones are), so
-  # `summarize` compiles once.
-  gold = np.asarray(test_probs if gold_test_probs is None else gold_test_probs)
+  # Host arrays, as restored ones are, so `summarize` compiles once for all models.
+  test_probs = np.asarray(test_probs)
+  gold = test_probs if gold_test_probs is None else np.asarray(gold_test_probs)
   summary = evaluate.summarize(train_probs, trainer.train[1], test_probs, trainer.test[1],
                                gold, forget_class=forget_class)
   summary = {k: float(v) for k, v in jax.device_get(summary).items()}
-  outputs = {"test_probs": np.asarray(test_probs)}
+  outputs = {"test_probs": test_probs}
   if len(tsne_idx):  # orbax cannot save an empty array
     outputs["tsne_features"] = np.asarray(train_feats)[tsne_idx]
   checkpoints.save(path, 0, arrays=outputs, record=summary, arrays_name="outputs")

@@ -77,6 +77,16 @@ def epoch_keys(key: jax.Array, num_epochs: int) -> jax.Array:
 _split = jax.jit(jax.random.split, static_argnums=1)
 
 
+def stream_keys(key: jax.Array, pool_size: int, *, batch_size: int, num_chunks: int,
+                chunk: int) -> jax.Array:
+  """The epoch keys `chunk_table` reads for chunks 0..num_chunks-1 of a stream over a pool.
+
+  Enough for the last chunk's epochs (dynamic slicing would clamp silently otherwise).
+  """
+  per_epoch = -(-pool_size // batch_size)
+  return epoch_keys(key, num_chunks * chunk // per_epoch + chunk // per_epoch + 2)
+
+
 def chunk_table(keys_E, pool_N, c, num_steps, *, batch_size: int, width: int, chunk: int):
   """Indices and mask, each (chunk, width), of steps [c * chunk, (c + 1) * chunk) of a stream.
 
@@ -85,8 +95,7 @@ def chunk_table(keys_E, pool_N, c, num_steps, *, batch_size: int, width: int, ch
   epoch s // S. Rows are padded from batch_size to `width` (a multiple of the
   device count), and steps from `num_steps` on are padding; padding has index 0
   and mask 0. `c` and `num_steps` are traced, so one compile serves every chunk
-  and stage drawing from pools of this size. keys_E needs
-  (c * chunk + chunk) // S + 2 keys at least.
+  and stage drawing from pools of this size. `stream_keys` makes keys_E.
   """
   n = pool_N.shape[0]
   S = -(-n // batch_size)
@@ -228,13 +237,13 @@ class Trainer:
     for p_i, phase in enumerate(phases):
       num_steps = self.steps_in(phase)
       num_chunks = -(-num_steps // K)
-      total = num_chunks * K
       pkey = jax.random.fold_in(rng, p_i)
       streams = {}  # batch key -> (epoch keys, pool)
       for s_i, (name, s) in enumerate(sorted(phase.streams.items())):
-        per_epoch = -(-int(self.pools[s.pool].shape[0]) // self.batch_size)
-        keys = epoch_keys(jax.random.fold_in(pkey, s_i), total // per_epoch + K // per_epoch + 2)
-        streams[name] = (keys, self.pools[s.pool])
+        pool = self.pools[s.pool]
+        keys = stream_keys(jax.random.fold_in(pkey, s_i), int(pool.shape[0]),
+                           batch_size=self.batch_size, num_chunks=num_chunks, chunk=K)
+        streams[name] = (keys, pool)
       active = (np.arange(num_chunks * K) < num_steps).reshape(num_chunks, K)
       fn = self._chunk_fn(phase.objective, tuple(sorted(phase.streams)))
       sign = np.full(K, phase.sign, np.float32)

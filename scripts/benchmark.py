@@ -139,9 +139,12 @@ def _fresh_state(trainer: train.Trainer, params):
 def _chunk_inputs(trainer: train.Trainer, pools: dict[str, str], sign: float = 1.0):
   """xs of one chunk (steps_per_chunk steps), exactly as Trainer.run feeds its chunk function."""
   num_steps = trainer.steps_per_chunk
-  streams = {name: trainer.chunk_table(train.epoch_keys(jax.random.key(i), num_steps + 2),
-                                       trainer.pools[pool], 0, num_steps)
-             for i, (name, pool) in enumerate(sorted(pools.items()))}
+  streams = {}
+  for i, (name, pool_name) in enumerate(sorted(pools.items())):
+    pool = trainer.pools[pool_name]
+    keys = train.stream_keys(jax.random.key(i), int(pool.shape[0]), batch_size=trainer.batch_size,
+                             num_chunks=1, chunk=num_steps)
+    streams[name] = trainer.chunk_table(keys, pool, 0, num_steps)
   return dict(active=np.ones(num_steps, bool), sign=np.full(num_steps, sign, np.float32),
               streams=streams)
 

@@ -35,9 +35,9 @@ def one_device_mesh():
 
 def whole_stream(key, pool, *, batch_size, width, num_steps, chunk):
   """Every chunk_table of a stream, stacked: (num_chunks, chunk, width) indices and mask."""
-  per_epoch = -(-pool.shape[0] // batch_size)
   num_chunks = -(-num_steps // chunk)
-  keys = train.epoch_keys(key, num_chunks * chunk // per_epoch + chunk // per_epoch + 2)
+  keys = train.stream_keys(key, pool.shape[0], batch_size=batch_size, num_chunks=num_chunks,
+                           chunk=chunk)
   out = [train.chunk_table(keys, pool, c, num_steps, batch_size=batch_size, width=width,
                            chunk=chunk) for c in range(num_chunks)]
   return np.stack([np.asarray(i) for i, _ in out]), np.stack([np.asarray(m) for _, m in out])
