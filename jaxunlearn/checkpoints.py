@@ -17,6 +17,8 @@ import threading
 
 import orbax.checkpoint as ocp
 
+from jaxunlearn import workdir
+
 _LOCK = threading.Lock()
 
 
@@ -33,11 +35,23 @@ def save(path: str, step: int, *, arrays, record: dict, arrays_name: str = "para
     mngr.wait_until_finished()
 
 
-def restore(path: str, abstract_arrays=None, arrays_name: str = "params"):
+def read_record(path: str, arrays_name: str = "params") -> dict | None:
+  """The JSON record of a finished stage alone (its arrays stay on disk), or None."""
+  if not os.path.isdir(path):
+    return None
+  with _LOCK, _manager(path, (arrays_name, "record")) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      return None
+    return mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+
+
+def restore(path: str, abstract_arrays=None, arrays_name: str = "params", inputs: dict | None = None):
   """(arrays, record) of a finished stage, or None when there is no checkpoint.
 
   `abstract_arrays` (e.g. from jax.eval_shape, with shardings) fixes structure,
-  dtypes and placement; None restores as saved.
+  dtypes and placement; None restores as saved. With `inputs`, the record's
+  inputs must equal them (`workdir.check_inputs`), else a one-line ValueError.
   """
   if not os.path.isdir(path):
     return None
@@ -45,6 +59,9 @@ def restore(path: str, abstract_arrays=None, arrays_name: str = "params"):
     step = mngr.latest_step()
     if step is None:
       return None
+    if inputs is not None:
+      record = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+      workdir.check_inputs(path, record.get("inputs"), inputs)
     out = mngr.restore(step, args=ocp.args.Composite(**{
         arrays_name: ocp.args.StandardRestore(abstract_arrays),
         "record": ocp.args.JsonRestore()}))

@@ -6,6 +6,7 @@ with a one-line error that names it and what is allowed.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import jax.numpy as jnp
@@ -63,25 +64,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   # embeddings are resized to it). The head is always re-initialised.
   c.model.init = ml_collections.FieldReference(None, field_type=str)
 
-  c.optimizer = ml_collections.ConfigDict()
-  # SGD step size for training Original and Gold; constant (no schedule), as in the study.
-  c.optimizer.learning_rate = 1e-4
-  # SGD step size of every unlearning method.
-  c.optimizer.unlearn_learning_rate = 1e-4
-  c.optimizer.momentum = 0.9
-
-  # Examples per optimizer step, in total over all devices.
+  # Examples per optimizer step, in total over all devices (every stage).
   c.batch_size = 64
-  # Epochs over the training data for the Original (all data) and Gold (retain only).
-  c.train_epochs = 3
-  # Epochs of each unlearning method over its driving data set.
-  c.unlearn_epochs = 5
-  # Unlearning methods to run, in order (see jaxunlearn/methods).
-  c.methods = ("finetune", "gradient_ascent", "two_stage")
 
-  c.two_stage = ml_collections.ConfigDict()
-  c.two_stage.temperature = 1.15  # tau in S = z_f z_r^T / tau
-  c.two_stage.stage1_steps = 1  # KL(uniform || p) steps on forget batches before stage 2
+  # Original (all training data) and Gold (retrain on the retain set only): the same
+  # recipe, from the same initialisation (or pretrained weights). The study's SGD.
+  c.train = ml_collections.ConfigDict(dict(
+      epochs=3,  # passes over the training data
+      learning_rate=1e-4,  # constant
+      momentum=0.9,
+      weight_decay=0.0,  # added to the gradient, as torch.optim.SGD
+  ))
+
+  # Unlearning methods to run, comma-separated ("finetune,salun" or "all"); each
+  # starts from the Original. Every method's section below holds its hyperparameters,
+  # defaults from its reference code (see jaxunlearn/methods/<name>.py).
+  c.methods = "finetune,gradient_ascent,two_stage"
+  from jaxunlearn.methods import METHODS
+  for name, module in METHODS.items():
+    c[name] = module.get_config()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512  # examples per evaluation forward pass, in total
@@ -120,6 +121,51 @@ def _fail(field: str, message: str):
   raise ValueError(f"config.{field}: {message}")
 
 
+def names(value) -> tuple[str, ...]:
+  """A comma-separated list ("a,b", as the command line gives it) or a sequence, as a tuple."""
+  if isinstance(value, str):
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+  return tuple(value)
+
+
+def method_names(c) -> tuple[str, ...]:
+  from jaxunlearn.methods import METHODS
+  m = names(c.methods)
+  return tuple(METHODS) if m == ("all",) else m
+
+
+def _number(c, field: str):
+  value = c
+  for part in field.split("."):
+    value = value[part]
+  return value
+
+
+def check_int(c, field: str, low: int = 1):
+  value = _number(c, field)
+  if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    _fail(field, f"must be an integer >= {low}, got {value!r}")
+
+
+def check_float(c, field: str, low: float, high: float = math.inf, *, open_low=False,
+                 open_high=True):
+  value = _number(c, field)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  ok = ok and (value > low if open_low else value >= low) and (
+      value < high if open_high else value <= high)
+  if not ok:
+    lo, hi = "(" if open_low else "[", ")" if open_high else "]"
+    _fail(field, f"must be a finite number in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+def check_optimizer(c, section: str) -> None:
+  """The SGD fields every training section has: epochs, learning_rate, momentum, weight_decay."""
+  check_int(c, f"{section}.epochs")
+  check_float(c, f"{section}.learning_rate", 0, open_low=True)
+  check_float(c, f"{section}.momentum", 0, 1)
+  check_float(c, f"{section}.weight_decay", 0)
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   from jaxunlearn.methods import METHODS
   if c.data.name not in datasets.NUM_CLASSES:
@@ -127,26 +173,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
   num_classes = datasets.NUM_CLASSES[c.data.name]
   if not 0 <= c.forget_class < num_classes:
     _fail("forget_class", f"{c.forget_class} is out of range; allowed: 0..{num_classes - 1} for {c.data.name}")
-  methods = (c.methods,) if isinstance(c.methods, str) else tuple(c.methods)
+  if not isinstance(c.methods, str):
+    _fail("methods", f"must be a comma-separated string, got {c.methods!r}")
+  methods = method_names(c)
   if not methods:
-    _fail("methods", f"is empty; allowed: any of {', '.join(METHODS)}")
+    _fail("methods", f"is empty; allowed: any of {', '.join(METHODS)}, or all")
   for m in methods:
     if m not in METHODS:
-      _fail("methods", f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
+      _fail("methods", f"unknown method {m!r}; allowed: {', '.join(METHODS)}, or all")
   if len(set(methods)) != len(methods):
-    _fail("methods", f"lists a method twice: {methods}")
-  for field in ("batch_size", "train_epochs", "unlearn_epochs", "steps_per_chunk",
-                "eval.batch_size", "two_stage.stage1_steps", "model.image_size"):
-    value = c[field] if "." not in field else c[field.split(".")[0]][field.split(".")[1]]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      _fail(field, f"must be a positive integer, got {value!r}")
-  for field in ("learning_rate", "unlearn_learning_rate"):
-    if not c.optimizer[field] > 0:
-      _fail(f"optimizer.{field}", f"must be positive, got {c.optimizer[field]!r}")
-  if not 0 <= c.optimizer.momentum < 1:
-    _fail("optimizer.momentum", f"must be in [0, 1), got {c.optimizer.momentum!r}")
-  if not c.two_stage.temperature > 0:
-    _fail("two_stage.temperature", f"must be positive, got {c.two_stage.temperature!r}")
+    _fail("methods", f"lists a method twice: {','.join(methods)}")
+  for field in ("batch_size", "steps_per_chunk", "eval.batch_size", "model.image_size"):
+    check_int(c, field)
+  check_optimizer(c, "train")
+  for m in methods:
+    METHODS[m].validate(c, m)
   if c.model.variant and c.model.variant not in model_lib.VARIANTS:
     _fail("model.variant", f"unknown variant {c.model.variant!r}; allowed: \"\" or "
           f"{', '.join(model_lib.VARIANTS)}")

@@ -1,7 +1,8 @@
 """Data sets as host arrays: uint8 images (N, H, W, C) and int32 labels.
 
-Images stay uint8 at their stored size; `preprocess` (run inside the jitted
-steps) resizes and normalises them, so the device holds the compact form.
+Images stay uint8 at their stored size; inside the jitted steps they become
+float pixels in [0, 1] (`Trainer.pixels`, what an objective may perturb) and then
+model input (`normalize`: resize and normalise), so the device holds the compact form.
 """
 from __future__ import annotations
 
@@ -60,6 +61,13 @@ def load_synthetic(num_train: int, num_test: int, image_size: int, seed: int = 0
                  num_classes=10, pixel_max=255.0, class_names=tuple(str(i) for i in range(10)))
 
 
+def load_cifar10(data_config) -> Dataset:
+  """CIFAR-10 through tensorflow-datasets (`tfds_data`; data_dir, prepare, manual_dir)."""
+  from jaxunlearn import tfds_data  # lazy: tfds is imported only for CIFAR-10
+  arrays, names = tfds_data.read_cifar10(data_config)
+  return Dataset(*arrays, num_classes=len(names), pixel_max=255.0, class_names=names)
+
+
 def load(data_config) -> Dataset:
   if data_config.name == "digits":
     return load_digits(data_config.test_size, data_config.split_seed)
@@ -67,19 +75,19 @@ def load(data_config) -> Dataset:
     return load_synthetic(data_config.synthetic.num_train, data_config.synthetic.num_test,
                           data_config.synthetic.image_size)
   if data_config.name == "cifar10":
-    from jaxunlearn import tfds_data  # lazy: tfds is optional
-    return tfds_data.load_cifar10(data_config)
+    return load_cifar10(data_config)
   raise ValueError(f"config.data.name: unknown data set {data_config.name!r}; "
                    f"allowed: {', '.join(NUM_CLASSES)}")
 
 
-def preprocess(images_BxHxWxC: jax.Array, pixel_max: float, image_size: int,
-               mean: float = 0.5, std: float = 0.5) -> jax.Array:
-  """uint8 images -> float32 model input: bilinear resize, scale to [0, 1], normalise.
+def normalize(pixels_BxHxWxC: jax.Array, image_size: int, mean: float = 0.5,
+              std: float = 0.5) -> jax.Array:
+  """Float pixels in [0, 1] -> model input: bilinear resize, then normalise.
 
-  Matches the study's torchvision pipeline (Resize bilinear, ToTensor, Normalize(0.5, 0.5)).
+  With `pixels = uint8 / pixel_max` this is the study's torchvision pipeline
+  (Resize bilinear, ToTensor, Normalize(0.5, 0.5)).
   """
-  x = images_BxHxWxC.astype(jnp.float32) / pixel_max
+  x = pixels_BxHxWxC
   B, H, W, C = x.shape
   if (H, W) != (image_size, image_size):
     x = jax.image.resize(x, (B, image_size, image_size, C), method="bilinear")

@@ -5,8 +5,6 @@ jitted reduction. Accuracies are percentages.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,14 +12,15 @@ import numpy as np
 from jaxunlearn import metrics
 
 
-@functools.partial(jax.jit, static_argnames=("forget_class",))
+@jax.jit
 def summarize(train_probs_NxC, train_labels_N, test_probs_MxC, test_labels_M,
-              gold_test_probs_MxC, *, forget_class: int):
+              gold_test_probs_MxC, forget_train_N, forget_test_M):
+  """The study's metrics; `forget_*` are the scenario's boolean forget masks."""
   def mean(values, where):
     return jnp.sum(values * where) / jnp.maximum(jnp.sum(where), 1)
 
-  f_tr = (train_labels_N == forget_class).astype(jnp.float32)
-  f_te = (test_labels_M == forget_class).astype(jnp.float32)
+  f_tr = forget_train_N.astype(jnp.float32)
+  f_te = forget_test_M.astype(jnp.float32)
   ok_tr = metrics.batch_correct(train_probs_NxC, train_labels_N)
   ok_te = metrics.batch_correct(test_probs_MxC, test_labels_M)
   return dict(
@@ -35,16 +34,17 @@ def summarize(train_probs_NxC, train_labels_N, test_probs_MxC, test_labels_M,
   )
 
 
-def tsne_indices(labels_N: np.ndarray, forget_class: int, *, batch_size: int,
-                 num_retain: int, num_forget: int, seed: int) -> np.ndarray:
+def tsne_indices(forget_N: np.ndarray, *, batch_size: int, num_retain: int, num_forget: int,
+                 seed: int) -> np.ndarray:
   """Training indices for t-SNE: whole shuffled batches until both counts are reached.
 
-  Stops early (with what it has) when the data set runs out.
+  `forget_N` is the scenario's forget mask over the training set. Stops early
+  (with what it has) when the data set runs out.
   """
   if num_retain == 0 and num_forget == 0:
     return np.zeros((0,), np.int64)
-  order = np.random.default_rng(seed).permutation(len(labels_N))
-  is_forget = labels_N[order] == forget_class
+  order = np.random.default_rng(seed).permutation(len(forget_N))
+  is_forget = forget_N[order]
   for end in range(batch_size, len(order) + batch_size, batch_size):
     f = int(is_forget[:end].sum())
     if f >= num_forget and min(end, len(order)) - f >= num_retain:

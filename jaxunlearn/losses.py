@@ -52,3 +52,25 @@ def contrastive(forget_logits_FxC, retain_logits_RxC, forget_mask_F, retain_mask
   pair_mask_FxR = forget_mask_F[:, None] * retain_mask_R[None, :]
   nll_FxR = jnp.where(pair_mask_FxR > 0, nll_FxR, 0.0)
   return jnp.sum(nll_FxR) / jnp.maximum(jnp.sum(pair_mask_FxR), 1.0)
+
+
+def kl_to_target(target_BxC, logits_BxC, mask_B):
+  """KL(target || softmax(logits)) per example, averaged over real examples.
+
+  PyTorch's KLDivLoss(reduction='batchmean')(log_softmax(logits), target); a zero
+  target probability contributes 0 (xlogy), as in PyTorch.
+  """
+  log_q_BxC = jax.nn.log_softmax(logits_BxC, axis=-1)
+  kl_B = jnp.sum(jax.scipy.special.xlogy(target_BxC, target_BxC) - target_BxC * log_q_BxC, axis=-1)
+  return _masked_mean(kl_B, mask_B)
+
+
+def distill_kl(student_BxC, teacher_BxC, mask_B, temperature):
+  """Knowledge-distillation KL (SCRUB's DistillKL): KL(softmax(t/T) || softmax(s/T)) * T^2."""
+  target = jax.nn.softmax(teacher_BxC / temperature, axis=-1)
+  return kl_to_target(target, student_BxC / temperature, mask_B) * temperature ** 2
+
+
+def l1_norm(params):
+  """Sum of |theta| over every parameter (torch.linalg.norm(cat(params), ord=1))."""
+  return sum(jnp.sum(jnp.abs(p)) for p in jax.tree.leaves(params))

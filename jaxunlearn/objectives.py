@@ -1,21 +1,24 @@
-"""What a train step minimises: functions of (apply_fn, params, batch) -> (loss, metrics).
+"""What a train step minimises: functions of (ctx, params, batch) -> (loss, metrics).
 
-`batch` maps a stream name to {"image", "label", "mask"} arrays; `apply_fn(params,
-images)` returns (logits, features). Objectives are module-level functions so the
-compiled step that uses one is built once and shared by every phase that uses it.
+`batch` maps a stream name to {"image" (float pixels in [0, 1]), "label", "mask",
+"index", and each per-example table of the method's inputs}; `ctx` is the step's
+`train.Context` (`ctx.apply(params, pixels)` returns (logits, features)).
+Objectives are module-level functions, so the compiled step that uses one is built
+once and shared by every phase and stage that uses it; their hyperparameters come
+in as traced scalars (`ctx.hp`), so other values never recompile.
 """
 from __future__ import annotations
 
 from jaxunlearn import losses
 
 
-def cross_entropy(apply_fn, params, batch):
+def cross_entropy(ctx, params, batch):
   b = batch["data"]
-  logits_BxC, _ = apply_fn(params, b["image"])
+  logits_BxC, _ = ctx.apply(params, b["image"])
   return losses.cross_entropy(logits_BxC, b["label"], b["mask"]), {}
 
 
-def kl_uniform(apply_fn, params, batch):
+def kl_uniform(ctx, params, batch):
   b = batch["data"]
-  logits_BxC, _ = apply_fn(params, b["image"])
+  logits_BxC, _ = ctx.apply(params, b["image"])
   return losses.kl_uniform(logits_BxC, b["mask"]), {}

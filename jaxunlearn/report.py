@@ -9,9 +9,10 @@ import csv
 import io
 import json
 import os
-import tempfile
 
 import numpy as np
+
+from jaxunlearn.workdir import atomic_write
 
 # (key in results, column header). The first four are the study's Table 1.
 COLUMNS = (
@@ -24,18 +25,6 @@ COLUMNS = (
     ("test_acc", "Test Acc %"),
     ("seconds", "Time (s)"),
 )
-
-
-def atomic_write(path: str, data: bytes | str) -> None:
-  mode = "wb" if isinstance(data, bytes) else "w"
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-  try:
-    with os.fdopen(fd, mode) as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 def _fmt(key, value):

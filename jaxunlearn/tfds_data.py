@@ -22,7 +22,6 @@ import sys
 
 import numpy as np
 
-from jaxunlearn import datasets
 
 NAME = "cifar10"
 SOURCE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -150,8 +149,11 @@ def _read_split(source, image_shape) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-def load_cifar10(data_config) -> datasets.Dataset:
+def read_cifar10(data_config) -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
   """CIFAR-10 train (50k) / test (10k) from tfds array_record files.
+
+  Returns ((train images, train labels, test images, test labels), class names);
+  `datasets.load` makes them a `Dataset`.
 
   Uses data_config.data_dir (None: tfds default), .prepare (prepare if missing)
   and .manual_dir (folder holding cifar-10-binary.tar.gz, for offline preparing).
@@ -176,10 +178,8 @@ def load_cifar10(data_config) -> datasets.Dataset:
   shape = builder.info.features["image"].shape
   train_images, train_labels = _read_split(train, shape)
   test_images, test_labels = _read_split(test, shape)
-  label = builder.info.features["label"]
-  return datasets.Dataset(train_images, train_labels, test_images, test_labels,
-                          num_classes=label.num_classes, pixel_max=255.0,
-                          class_names=tuple(label.names))
+  names = tuple(builder.info.features["label"].names)
+  return (train_images, train_labels, test_images, test_labels), names
 
 
 def write_fake_cifar10(data_dir: str, num_train: int, num_test: int, seed: int = 0) -> str:

@@ -1,9 +1,17 @@
 """The one training loop every model and unlearning method runs.
 
-A run is a list of `Phase`s sharing one optimizer state. A phase draws batches
-from named `Stream`s over subsets ("pools") of the training set, with the study's
-epoch semantics: reshuffled every epoch, last partial batch kept (padded and
-masked, never dropped, never recompiled for).
+A stage is a `Recipe`: an optional `prepare` sweep (compiled, once, e.g. a
+saliency mask or a teacher's logits), a list of `Phase`s, and an optional
+`edit` of the final parameters (methods that do not train). A phase draws
+batches from named `Stream`s over subsets ("pools") of the training set, with
+the study's epoch semantics: reshuffled every epoch, last partial batch kept
+(padded and masked, never dropped, never recompiled for).
+
+The compiled step hands the objective one `Context`: the model on float pixels,
+a per-step rng, the run's progress, the phase's hyperparameters as traced
+scalars (changing one never recompiles) and the method's read-only `Inputs`
+(frozen parameters, an update mask, per-example tables looked up by each
+batch's example indices).
 
 Everything in the hot loop stays on the devices: the training images live there
 as uint8, batch indices are drawn there, and `steps_per_chunk` steps run as one
@@ -47,13 +55,84 @@ class Stream:
 
 
 @dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """SGD as PyTorch's `torch.optim.SGD` (weight decay added to the gradient, then momentum).
+
+  Phases of one run that name the same optimizer share its state (momentum). Its
+  values are traced inputs of the step: any learning rate, momentum or weight
+  decay runs on the same compiled step.
+  """
+  learning_rate: float
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  # Cosine decay from learning_rate to this over all steps of the phases using this
+  # optimizer (optax.cosine_decay_schedule); None keeps the rate constant.
+  final_learning_rate: float | None = None
+  name: str = "sgd"
+
+  def schedule(self, num_steps: int) -> optax.Schedule:
+    if self.final_learning_rate is None:
+      return optax.constant_schedule(self.learning_rate)
+    return optax.cosine_decay_schedule(self.learning_rate, max(num_steps, 1),
+                                       alpha=self.final_learning_rate / self.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
 class Phase:
   name: str
-  objective: Objective
+  objective: Objective  # objective(ctx, params, batch) -> (loss, aux metrics)
   streams: Mapping[str, Stream]  # batch key (what the objective reads) -> stream
-  # +1 minimises the objective, -1 maximises it (gradient ascent). A traced input,
+  optimizer: Optimizer
+  # The objective's own hyperparameters (ctx.hp): traced scalars, not constants.
+  hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  # +1 minimises the objective, -1 maximises it (gradient ascent). Traced too,
   # so both directions share one compiled step.
   sign: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """Read-only inputs of a method's steps (a pytree; empty by default).
+
+  frozen: parameters the objective reads but never trains (ctx.frozen), e.g. a teacher.
+  tables: per-example arrays over the whole training set, (N, ...); each batch
+    carries the rows of its examples under the same key (batch[stream][key]).
+  update_mask: a 0/1 pytree like the parameters: gradients and updates are
+    multiplied by it, so parameters (and momentum) outside it never change.
+  """
+  frozen: Any = None
+  tables: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  update_mask: Any = None
+
+
+jax.tree_util.register_dataclass(Inputs, data_fields=["frozen", "tables", "update_mask"],
+                                 meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How one stage turns its starting parameters into its result."""
+  phases: list[Phase]
+  # prepare(trainer, params) -> Inputs, before the phases (e.g. via `Trainer.sweep`).
+  prepare: Callable[["Trainer", Any], Inputs] | None = None
+  # edit(ctx, params) -> params after the phases, compiled (ctx.hp = edit_hparams).
+  edit: Callable[..., Any] | None = None
+  edit_hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a compiled step knows besides parameters and batch (built inside the trace)."""
+  apply: Callable  # apply(params, pixels_BxHxWxC in [0, 1]) -> (logits, features)
+  rng: jax.Array  # this step's key
+  progress: jax.Array  # steps done / steps in the run, in [0, 1)
+  hp: Mapping[str, jax.Array]
+  inputs: Inputs
+  num_classes: int
+
+  @property
+  def frozen(self):
+    return self.inputs.frozen
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -116,13 +195,25 @@ def chunk_table(keys_E, pool_N, c, num_steps, *, batch_size: int, width: int, ch
   return jnp.pad(idx, pad_width), jnp.pad(mask, pad_width)
 
 
+def _sgd(learning_rate, momentum, weight_decay):
+  # torch.optim.SGD: g + wd * p, then the momentum buffer, then -lr.
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
+def _masked(tree, mask):
+  return tree if mask is None else jax.tree.map(lambda x, m: x * m.astype(x.dtype), tree, mask)
+
+
 class Trainer:
   """Holds the device-resident data and the compiled steps of one pipeline run."""
 
-  def __init__(self, model, data: datasets.Dataset, forget_class: int, *, batch_size: int,
-               momentum: float, steps_per_chunk: int,
-               eval_batch_size: int, mesh=None, progress: bool = True):
+  def __init__(self, model, data: datasets.Dataset, pools: Mapping[str, np.ndarray], *,
+               batch_size: int, steps_per_chunk: int, eval_batch_size: int, mesh=None,
+               progress: bool = True):
+    """`pools` maps a pool name ("all", "forget", "retain") to training-set indices."""
     self.model = model
+    self.num_classes = data.num_classes
     self.mesh = mesh or make_mesh()
     self.batch_size = batch_size
     n_dev = self.mesh.devices.size
@@ -130,47 +221,72 @@ class Trainer:
     self.eval_width = -(-eval_batch_size // n_dev) * n_dev
     self.steps_per_chunk = steps_per_chunk
     self.progress = progress
-    # The learning rate lives in the optimizer state, so runs with different rates
-    # (training vs unlearning) share one compiled step.
-    self.tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=momentum)
+    # Hyperparameters live in the optimizer state: every SGD setting shares one compile.
+    self.tx = optax.inject_hyperparams(_sgd)(learning_rate=0.0, momentum=0.0, weight_decay=0.0)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharded = NamedSharding(self.mesh, P("data"))
     self.table_sharded = NamedSharding(self.mesh, P(None, "data"))
     self._pixel_max = float(data.pixel_max)
     # Every process holds the whole (small) data set, so each one hands in all of
     # it; on one host this is a plain device_put.
-    put = lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x))
-    self.train = (put(data.train_images), put(data.train_labels))
-    self.test = (put(data.test_images), put(data.test_labels))
-    labels = data.train_labels
-    self.pools = {
-        "all": put(np.arange(len(labels), dtype=np.int32)),
-        "forget": put(np.flatnonzero(labels == forget_class).astype(np.int32)),
-        "retain": put(np.flatnonzero(labels != forget_class).astype(np.int32)),
-    }
-    self._chunk_fns: dict[Any, Callable] = {}
+    self.put = lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x))
+    self.train = (self.put(data.train_images), self.put(data.train_labels))
+    self.test = (self.put(data.test_images), self.put(data.test_labels))
+    self.num_train = len(data.train_labels)
+    self.pools = {name: self.put(np.asarray(idx, np.int32)) for name, idx in pools.items()}
+    self._compiled: dict[Any, Any] = {}
     self._lock = threading.Lock()  # stages may run in threads (config.concurrent_stages)
+    self._compile_locks: dict[Any, threading.Lock] = {}
+    self._local = threading.local()  # per-thread compile-time stopwatch
     # Set to stop every run of this trainer at its next chunk (a sibling stage failed).
     self.cancel = threading.Event()
     self._predict_fn = jax.jit(self._predict, static_argnames=("num_batches",))
     self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=self.replicated)
+    self._chunk_jit = jax.jit(self._run_chunk, static_argnums=(0, 1), donate_argnums=(2,),
+                              out_shardings=self.replicated)
+    self._sweep_jit = jax.jit(self._sweep, static_argnums=(0, 1), out_shardings=self.replicated)
+    self._edit_jit = jax.jit(self._edit, static_argnums=(0,), out_shardings=self.replicated)
     # One chunk of a stream's batch indices and masks, drawn on the devices.
-    self.chunk_table = jax.jit(
+    self._table_jit = jax.jit(
         functools.partial(chunk_table, batch_size=batch_size, width=self.width,
                           chunk=steps_per_chunk), out_shardings=self.table_sharded)
-    # Incremented each time a chunk function is traced (tests check: once per objective).
+    # Incremented each time a step function is traced (tests check: once per objective).
     self.num_traces = 0
 
   # ---- the model as the steps see it ----
 
-  def apply(self, params, images_BxHxWxC):
-    x = datasets.preprocess(images_BxHxWxC, self._pixel_max, self.model.image_size)
+  def pixels(self, images_BxHxWxC):
+    """Stored uint8 images -> float pixels in [0, 1] at their stored size."""
+    return images_BxHxWxC.astype(jnp.float32) / self._pixel_max
+
+  def apply(self, params, pixels_BxHxWxC):
+    """The model on float pixels in [0, 1]: resize and normalise, then the ViT."""
+    x = datasets.normalize(pixels_BxHxWxC, self.model.image_size)
     x = jax.lax.with_sharding_constraint(x, self.batch_sharded)
     return self.model.apply({"params": params}, x)
 
-  def place(self, params):
-    """Replicate a parameter pytree over the mesh."""
-    return jax.device_put(params, self.replicated)
+  def place(self, tree):
+    """Replicate a pytree (parameters, method inputs) over the mesh."""
+    return jax.device_put(tree, self.replicated)
+
+  # ---- compiling, with the compile time kept apart from the run time ----
+
+  def _aot(self, jitted, static: tuple, *args):
+    """`jitted(*static, *args)` compiled once per signature; compile time -> this thread's clock."""
+    leaves, treedef = jax.tree.flatten(args)
+    key = (jitted, static, treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+    with self._lock:
+      lock = self._compile_locks.setdefault(key, threading.Lock())
+    with lock:
+      if key not in self._compiled:
+        t0 = time.perf_counter()
+        self._compiled[key] = jitted.lower(*static, *args).compile()
+        self._local.compile_s = getattr(self._local, "compile_s", 0.0) + time.perf_counter() - t0
+    return self._compiled[key](*args)
+
+  def compile_seconds(self) -> float:
+    """Seconds this thread has spent compiling (the stages read its change)."""
+    return getattr(self._local, "compile_s", 0.0)
 
   # ---- training ----
 
@@ -182,34 +298,41 @@ class Trainer:
     steps = s.epochs * -(-int(self.pools[s.pool].shape[0]) // self.batch_size)
     return min(steps, s.max_steps) if s.max_steps is not None else steps
 
-  def _chunk_fn(self, objective: Objective, stream_names: tuple[str, ...]):
-    key = (objective, stream_names)
-    with self._lock:
-      if key not in self._chunk_fns:
-        self._chunk_fns[key] = jax.jit(
-            functools.partial(self._run_chunk, objective), donate_argnums=(0,),
-            out_shardings=self.replicated)
-      return self._chunk_fns[key]
+  def _context(self, key, step, num_steps, hp, inputs):
+    return Context(apply=self.apply, rng=jax.random.fold_in(key, step),
+                   progress=step.astype(jnp.float32) / jnp.maximum(num_steps, 1), hp=hp,
+                   inputs=inputs, num_classes=self.num_classes)
 
-  def _run_chunk(self, objective, state, train, xs):
+  def _batch(self, train, idx_B, mask_B, inputs: Inputs):
+    images_N, labels_N = train
+    return dict(image=self.pixels(images_N[idx_B]), label=labels_N[idx_B], mask=mask_B,
+                index=idx_B, **{k: t[idx_B] for k, t in inputs.tables.items()})
+
+  def _run_chunk(self, objective, stream_names, state, train, inputs, args, xs):
     """`steps_per_chunk` steps in one scan; inactive (padding) steps are skipped."""
+    del stream_names  # static: part of the compile key
     with self._lock:
       self.num_traces += 1
-    images_N, labels_N = train
-
     def step(state, x):
       params, opt_state = state
-      batch = {}
-      for name, (idx_B, mask_B) in x["streams"].items():
-        batch[name] = dict(image=images_N[idx_B], label=labels_N[idx_B], mask=mask_B)
+      batch = {name: self._batch(train, idx, m, inputs) for name, (idx, m) in x["streams"].items()}
+      ctx = self._context(args["key"], x["step"], args["num_steps"], args["hp"], inputs)
+
       def signed(params):
-        loss, aux = objective(self.apply, params, batch)
-        return x["sign"] * loss, aux
+        loss, aux = objective(ctx, params, batch)
+        return args["sign"] * loss, aux
 
       (loss, aux), grads = jax.value_and_grad(signed, has_aux=True)(params)
+      opt_state.hyperparams.update(learning_rate=x["lr"], momentum=args["momentum"],
+                                   weight_decay=args["weight_decay"])
+      grads = _masked(grads, inputs.update_mask)
       updates, new_opt = self.tx.update(grads, opt_state, params)
+      # Weight decay acts inside the update: mask it too, so nothing outside moves.
+      updates = _masked(updates, inputs.update_mask)
       examples = sum(jnp.sum(m) for _, m in x["streams"].values())
-      return (optax.apply_updates(params, updates), new_opt), dict(loss=loss, examples=examples, **aux)
+      finite = jnp.isfinite(loss)
+      return (optax.apply_updates(params, updates), new_opt), dict(
+          loss=loss, examples=examples, **aux)
 
     def skip(state, x):
       # Same output structure as `step`, without computing it.
@@ -220,22 +343,47 @@ class Trainer:
     # cond runs only the taken branch, so padding steps cost nothing.
     return jax.lax.scan(lambda st, x: jax.lax.cond(x["active"], step, skip, st, x), state, xs)
 
-  def run(self, params, phases: list[Phase], rng: jax.Array, desc: str, learning_rate: float,
-          bar_position: int = 0):
-    """Optimise `params` through `phases` with one fresh optimizer; returns (params, log).
-
-    Thread-safe: independent runs may go on in parallel threads (`bar_position`
-    keeps their progress bars on separate lines).
-    """
-    # A fresh copy: the chunk steps donate their state, and the caller keeps its params.
-    params = self._copy(params)
+  def new_state(self, params, optimizer: Optimizer):
+    """(params, optimizer state), replicated; a fresh copy, since chunks donate their state."""
     opt_state = self.tx.init(params)
-    opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
-    state = (params, jax.device_put(opt_state, self.replicated))
+    opt_state.hyperparams.update(learning_rate=jnp.float32(optimizer.learning_rate),
+                                 momentum=jnp.float32(optimizer.momentum),
+                                 weight_decay=jnp.float32(optimizer.weight_decay))
+    return self.place(opt_state)
+
+  def run(self, params, recipe: Recipe | list[Phase], rng: jax.Array, desc: str,
+          bar_position: int = 0):
+    """Runs a stage's recipe from `params`; returns (params, log).
+
+    The log has the loss of every step and `compile_seconds`, the part of the
+    wall time spent compiling. Thread-safe: independent runs may go on in
+    parallel threads (`bar_position` keeps their progress bars on separate lines).
+    """
+    if not isinstance(recipe, Recipe):
+      recipe = Recipe(list(recipe))
+    compile_before = self.compile_seconds()
+    params = self._copy(params)
+    inputs = self.place(recipe.prepare(self, params)) if recipe.prepare else Inputs()
     log = {"loss": []}
+    phases = recipe.phases
+    # The run's step count and each optimizer's, for progress and learning-rate schedules.
+    steps = [self.steps_in(p) for p in phases]
+    total = sum(steps)
+    per_opt: dict[str, int] = {}
+    for p, n in zip(phases, steps):
+      per_opt[p.optimizer.name] = per_opt.get(p.optimizer.name, 0) + n
+    for p in phases:
+      if any(q.optimizer.name == p.optimizer.name and q.optimizer != p.optimizer for q in phases):
+        raise ValueError(f"{desc}: phases share optimizer {p.optimizer.name!r} with different settings")
+    opt_states: dict[str, Any] = {}
+    opt_done = dict.fromkeys(per_opt, 0)
+    done = 0
     K = self.steps_per_chunk
-    for p_i, phase in enumerate(phases):
-      num_steps = self.steps_in(phase)
+    for p_i, (phase, num_steps) in enumerate(zip(phases, steps)):
+      opt = phase.optimizer
+      if opt.name not in opt_states:
+        opt_states[opt.name] = self.new_state(params, opt)
+      state = (params, opt_states.pop(opt.name))
       num_chunks = -(-num_steps // K)
       pkey = jax.random.fold_in(rng, p_i)
       streams = {}  # batch key -> (epoch keys, pool)
@@ -244,9 +392,17 @@ class Trainer:
         keys = stream_keys(jax.random.fold_in(pkey, s_i), int(pool.shape[0]),
                            batch_size=self.batch_size, num_chunks=num_chunks, chunk=K)
         streams[name] = (keys, pool)
-      active = (np.arange(num_chunks * K) < num_steps).reshape(num_chunks, K)
-      fn = self._chunk_fn(phase.objective, tuple(sorted(phase.streams)))
-      sign = np.full(K, phase.sign, np.float32)
+      all_steps = np.arange(num_chunks * K)
+      active = (all_steps < num_steps).reshape(num_chunks, K)
+      lr = np.broadcast_to(np.asarray(opt.schedule(per_opt[opt.name])(
+          opt_done[opt.name] + all_steps), np.float32), all_steps.shape).reshape(num_chunks, K)
+      step_no = (done + all_steps).astype(np.int32).reshape(num_chunks, K)
+      args = self.place(dict(
+          key=jax.random.fold_in(pkey, 1 << 20), num_steps=np.int32(total),
+          sign=np.float32(phase.sign), momentum=np.float32(opt.momentum),
+          weight_decay=np.float32(opt.weight_decay),
+          hp={k: np.float32(v) for k, v in phase.hparams.items()}))
+      static = (phase.objective, tuple(sorted(phase.streams)))
       bar = tqdm(total=num_steps, desc=f"{desc}/{phase.name}", disable=not self.progress,
                  unit="step", dynamic_ncols=True, leave=True, position=bar_position)
       pending, t0, seen = None, time.perf_counter(), 0
@@ -254,16 +410,28 @@ class Trainer:
         if self.cancel.is_set():
           raise Cancelled(f"{desc}: stopped because another stage failed")
         if c < num_chunks:
-          tables = {name: self.chunk_table(keys, pool, c, num_steps)
+          tables = {name: self._aot(self._table_jit, (), keys, pool, np.int32(c),
+                                    np.int32(num_steps))
                     for name, (keys, pool) in streams.items()}
-          xs = dict(active=active[c], sign=sign, streams=tables)
-          state, metrics = fn(state, self.train, xs)
+          xs = dict(active=active[c], lr=lr[c], step=step_no[c], streams=tables)
+          state, metrics = self._aot(self._chunk_jit, static, state, self.train, inputs, args, xs)
         # Read the previous chunk's metrics while this one runs: no host stall.
         if pending is not None:
-          seen += self._report(pending, bar, phase, log, t0, seen, steps_done=min((c) * K, num_steps))
+          seen += self._report(pending, bar, phase, log, t0, seen, steps_done=min(c * K, num_steps))
         pending = (metrics, min(K, num_steps - c * K)) if c < num_chunks else None
       bar.close()
-    return state[0], log
+      params, opt_states[opt.name] = state
+      opt_done[opt.name] += num_steps
+      done += num_steps
+    if recipe.edit is not None:
+      hp = self.place({k: np.float32(v) for k, v in recipe.edit_hparams.items()})
+      params = self._aot(self._edit_jit, (recipe.edit,), params, inputs, hp)
+    log["compile_seconds"] = self.compile_seconds() - compile_before
+    return params, log
+
+  def _edit(self, edit, params, inputs, hp):
+    ctx = self._context(jax.random.key(0), jnp.int32(0), jnp.int32(1), hp, inputs)
+    return edit(ctx, params)
 
   def _report(self, pending, bar, phase, log, t0, seen, steps_done):
     metrics, n_active = pending
@@ -272,13 +440,60 @@ class Trainer:
     if not np.all(np.isfinite(losses_K)):
       raise FloatingPointError(
           f"{phase.name}: loss is {losses_K[~np.isfinite(losses_K)][0]} near step {steps_done}; "
-          "lower config.optimizer.learning_rate or the number of epochs")
+          "lower the learning rate or the number of epochs")
     log["loss"].extend(float(v) for v in losses_K)
     examples = int(np.sum(np.asarray(m["examples"])[:n_active]))
     rate = (seen + examples) / max(time.perf_counter() - t0, 1e-9)
     bar.update(n_active)
     bar.set_postfix(loss=f"{losses_K.mean():.4f}", ex_per_s=f"{rate:,.0f}")
     return examples
+
+  # ---- one compiled pass over a pool (a method's `prepare`) ----
+
+  def sweep(self, fn, params, pool: str, inputs: Inputs | None = None,
+            hparams: Mapping[str, float] | None = None):
+    """One in-order pass of `fn(ctx, params, batch) -> (per_example, total)` over a pool.
+
+    `batch` is {"data": ...}, as an objective's single stream sees it.
+    Batches of `batch_size` (the last one padded and masked). Returns
+    (tables, totals): each per-example output scattered into an (N_train, ...)
+    array (zeros outside the pool), and each total summed over the batches.
+    """
+    inputs = self.place(inputs or Inputs())
+    hp = self.place({k: np.float32(v) for k, v in (hparams or {}).items()})
+    pool_N = self.pools[pool]
+    return self._aot(self._sweep_jit, (fn, int(pool_N.shape[0])), params, self.train, pool_N,
+                     inputs, hp)
+
+  def _sweep(self, fn, n, params, train, pool_N, inputs, hp):
+    with self._lock:
+      self.num_traces += 1
+    S = -(-n // self.batch_size)
+    idx = jnp.pad(pool_N, (0, S * self.batch_size - n)).reshape(S, self.batch_size)
+    mask = jnp.pad(jnp.ones((n,), jnp.float32), (0, S * self.batch_size - n))
+    mask = mask.reshape(S, self.batch_size)
+    pad = ((0, 0), (0, self.width - self.batch_size))
+    idx, mask = jnp.pad(idx, pad), jnp.pad(mask, pad)
+    def one(carry, x):
+      i, (idx_B, mask_B) = x
+      ctx = self._context(jax.random.key(0), i, S, hp, inputs)
+      per_example, total = fn(ctx, params, {"data": self._batch(train, idx_B, mask_B, inputs)})
+      return jax.tree.map(jnp.add, carry, total), per_example
+
+    zero = jax.eval_shape(lambda: fn(self._context(jax.random.key(0), jnp.int32(0), S, hp, inputs),
+                                     params, {"data": self._batch(train, idx[0], mask[0], inputs)})[1])
+    totals, per_example = jax.lax.scan(
+        one, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero),
+        (jnp.arange(S), (idx, mask)))
+    flat_idx = idx.reshape(-1)
+    flat_mask = mask.reshape(-1) > 0
+    target = jnp.where(flat_mask, flat_idx, self.num_train)  # padding rows fall off the end
+
+    def scatter(v):
+      v = v.reshape(-1, *v.shape[2:])
+      return jnp.zeros((self.num_train, *v.shape[1:]), v.dtype).at[target].set(v, mode="drop")
+
+    return jax.tree.map(scatter, per_example), totals
 
   # ---- evaluation ----
 
@@ -289,7 +504,7 @@ class Trainer:
     idx = jax.lax.with_sharding_constraint(idx.reshape(num_batches, -1), self.table_sharded)
 
     def one(idx_B):
-      logits, feats = self.apply(params, images_N[idx_B])
+      logits, feats = self.apply(params, self.pixels(images_N[idx_B]))
       return jax.nn.softmax(logits, axis=-1), feats
 
     probs, feats = jax.lax.map(one, idx)

@@ -29,7 +29,7 @@ def _config(data_dir, prepare=False, manual_dir=None):
 
 def _load_error(config) -> str:
   with pytest.raises(tfds_data.Cifar10NotReadyError) as info:
-    tfds_data.load_cifar10(config)
+    datasets.load_cifar10(config)
   message = str(info.value)
   assert "\n" not in message  # one line, actionable
   return message
@@ -60,7 +60,7 @@ def no_download(monkeypatch):
 
 def test_load_fake_cifar10(tmp_path):
   tfds_data.write_fake_cifar10(str(tmp_path), num_train=60, num_test=25)
-  d = tfds_data.load_cifar10(_config(tmp_path))
+  d = datasets.load_cifar10(_config(tmp_path))
   assert isinstance(d, datasets.Dataset)
   assert d.train_images.shape == (60, 32, 32, 3) and d.test_images.shape == (25, 32, 32, 3)
   assert d.train_images.dtype == np.uint8 and d.train_labels.dtype == np.int32
@@ -75,7 +75,7 @@ def test_load_fake_cifar10(tmp_path):
 def test_fast_decode_matches_tfds_decode(tmp_path):
   """Our PIL decode of the skipped image bytes equals tfds' own decoding."""
   tfds_data.write_fake_cifar10(str(tmp_path), num_train=12, num_test=5)
-  d = tfds_data.load_cifar10(_config(tmp_path))
+  d = datasets.load_cifar10(_config(tmp_path))
   reference = tfds.data_source("cifar10", split="test", data_dir=str(tmp_path), download=False)
   for i in range(5):
     example = reference[i]
@@ -142,10 +142,10 @@ def test_prepare_then_load(tmp_path, monkeypatch, archive_in):
     calls.append((self.info.file_format.value, manual and str(manual)))
     tfds_data.write_fake_cifar10(str(tmp_path), num_train=20, num_test=10)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fake_prepare)
-  d = tfds_data.load_cifar10(_config(tmp_path, prepare=True, manual_dir=manual_dir))
+  d = datasets.load_cifar10(_config(tmp_path, prepare=True, manual_dir=manual_dir))
   assert calls == [("array_record", manual_dir)]
   assert d.train_images.shape == (20, 32, 32, 3) and d.test_labels.shape == (10,)
-  tfds_data.load_cifar10(_config(tmp_path, prepare=True))  # prepared: no second call
+  datasets.load_cifar10(_config(tmp_path, prepare=True))  # prepared: no second call
   assert len(calls) == 1
 
 

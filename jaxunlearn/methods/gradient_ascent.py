@@ -1,10 +1,24 @@
-"""Gradient ascent: maximise the cross-entropy on the forget set, nothing else."""
+"""Gradient ascent (GA, NegGrad): maximise the cross-entropy on the forget set, nothing else.
+
+Reference: Unlearn-Sparse `unlearn/GA.py` (Thudi et al. 2022; Jia et al. 2023):
+minimise -CE on forget batches, SGD momentum 0.9, weight decay 5e-4, lr 1e-4
+(class-wise; maintainers grid-search it in [1e-5, 0.1]), 5 epochs.
+"""
 from jaxunlearn import objectives, train
+from jaxunlearn.methods import base
 
 DISPLAY_NAME = "Gradient Ascent"
 
 
-def phases(config):
+def get_config():
+  return base.section(learning_rate=1e-4, epochs=5, weight_decay=5e-4)
+
+
+def recipe(s):
   # Minus the cross-entropy, minimised: the step CE training compiled, run with sign -1.
-  return [train.Phase("gradient_ascent", objectives.cross_entropy,
-                      {"data": train.Stream("forget", epochs=config.unlearn_epochs)}, sign=-1.0)]
+  return train.Recipe([train.Phase("ascent", objectives.cross_entropy,
+                                   {"data": train.Stream("forget", epochs=s.epochs)}, base.sgd(s),
+                                   sign=-1.0)])
+
+
+validate = base.validate_sgd

@@ -1,20 +1,30 @@
-"""The study's two-stage method.
+"""The study's two-stage method (see ../shared/study.md; its origin is FCS, `fcs.py`).
 
-Stage 1: one step of KL(uniform || p) on the first forget batch.
-Stage 2 (same optimizer state): per forget batch, the next batch of a retain
+Stage 1: `stage1_steps` steps (one) of KL(uniform || p) on forget batches.
+Stage 2 (the same optimizer state): per forget batch, the next batch of a retain
 stream that cycles across epochs; both cut to their common size m; loss =
-contrastive(z_f, stop_grad(z_r)) + cross-entropy(z_r).
-"""
-import functools
+contrastive(z_f, stop_grad(z_r); temperature) + cross-entropy(z_r), summed in
+one step.
 
+How it differs from FCS as the competition code does it (`fcs.py`): FCS runs a
+whole pass of stage 1, has three SGD optimizers (stage 1, forget, retain), and in
+stage 2 alternates a forget round of the contrastive term alone (cosine-decayed lr)
+with a separate retain pass of cross-entropy; it never cuts batches to a common size.
+Defaults are the study's: SGD lr 1e-4, momentum 0.9, 5 epochs, temperature 1.15.
+"""
 import jax.numpy as jnp
 
-from jaxunlearn import losses, objectives, train
+from jaxunlearn import config as config_lib, losses, objectives, train
+from jaxunlearn.methods import base
 
 DISPLAY_NAME = "2-Stage"
 
 
-def contrastive_retain(apply_fn, params, batch, *, temperature):
+def get_config():
+  return base.section(learning_rate=1e-4, epochs=5, temperature=1.15, stage1_steps=1)
+
+
+def contrastive_retain(ctx, params, batch):
   f, r = batch["forget"], batch["retain"]
   B = f["mask"].shape[0]
   # Cut both to m = min(real forget, real retain). Real examples come first in a
@@ -22,24 +32,26 @@ def contrastive_retain(apply_fn, params, batch, *, temperature):
   m = jnp.minimum(jnp.sum(f["mask"]), jnp.sum(r["mask"]))
   mask_B = (jnp.arange(B) < m).astype(jnp.float32)
   # One forward pass over both batches (no dropout/BatchNorm: same as two passes).
-  logits, _ = apply_fn(params, jnp.concatenate([f["image"], r["image"]]))
+  logits, _ = ctx.apply(params, jnp.concatenate([f["image"], r["image"]]))
   z_f, z_r = logits[:B], logits[B:]
-  con = losses.contrastive(z_f, z_r, mask_B, mask_B, temperature)
+  con = losses.contrastive(z_f, z_r, mask_B, mask_B, ctx.hp["temperature"])
   ret = losses.cross_entropy(z_r, r["label"], mask_B)
   return con + ret, {"contrastive": con, "retain_ce": ret}
 
 
-@functools.cache
-def _stage2_objective(temperature: float):
-  # One function object per temperature, so the compiled step is built once.
-  return functools.partial(contrastive_retain, temperature=temperature)
-
-
-def phases(config):
-  return [
+def recipe(s):
+  opt = base.sgd(s)
+  return train.Recipe([
       train.Phase("stage1", objectives.kl_uniform,
-                  {"data": train.Stream("forget", epochs=1, max_steps=config.two_stage.stage1_steps)}),
-      train.Phase("stage2", _stage2_objective(config.two_stage.temperature),
-                  {"forget": train.Stream("forget", epochs=config.unlearn_epochs),
-                   "retain": train.Stream("retain")}),
-  ]
+                  {"data": train.Stream("forget", epochs=1, max_steps=s.stage1_steps)}, opt),
+      train.Phase("stage2", contrastive_retain,
+                  {"forget": train.Stream("forget", epochs=s.epochs),
+                   "retain": train.Stream("retain")}, opt,
+                  hparams={"temperature": s.temperature}),
+  ])
+
+
+def validate(c, name):
+  base.validate_sgd(c, name)
+  config_lib.check_float(c, f"{name}.temperature", 0, open_low=True)
+  config_lib.check_int(c, f"{name}.stage1_steps", 0)

@@ -1,0 +1,60 @@
+"""FCS: the NeurIPS 2023 unlearning competition solution the study's two-stage method comes from.
+
+Reference: fanchuan's 2nd-place solution, as xcadet/deepunlearn
+`munl/unlearning/kgltop1.py` runs it. Three SGD optimizers (momentum 0.9), each
+with its own state. Stage 1: one pass over all forget batches of KL(uniform || p)
+(lr 5e-3). Stage 2, per epoch: a forget round, each forget batch paired with a
+retain batch, minimising the contrastive term alone, mean over all pairs of
+-log_softmax(z_f stop_grad(z_r)^T / tau) on the logits (lr 3e-4, cosine-decayed to
+1e-6 over all forget-round steps of all epochs); then a separate pass over the
+retain set of cross-entropy (lr 1e-3 * batch / 64 = 4e-3 at the reference's batch
+256, weight decay 1e-2). tau 1.15, 8 epochs.
+
+How the study's two-stage (`two_stage.py`) differs: one stage-1 step, one
+optimizer with a constant lr, and in stage 2 the contrastive term and the retain
+cross-entropy summed in one step, with both batches cut to their common size.
+"""
+from jaxunlearn import config as config_lib, losses, objectives, train
+from jaxunlearn.methods import base
+
+DISPLAY_NAME = "FCS"
+
+
+def get_config():
+  return base.section(
+      learning_rate=3e-4, epochs=8, temperature=1.15,
+      final_learning_rate=1e-6,  # forget rounds: cosine decay to this
+      stage1_learning_rate=5e-3,
+      retain_learning_rate=4e-3, retain_weight_decay=1e-2)
+
+
+def contrastive(ctx, params, batch):
+  f, r = batch["forget"], batch["retain"]
+  z_f, _ = ctx.apply(params, f["image"])
+  z_r, _ = ctx.apply(params, r["image"])
+  return losses.contrastive(z_f, z_r, f["mask"], r["mask"], ctx.hp["temperature"]), {}
+
+
+def recipe(s):
+  stage1 = base.sgd(s, "stage1", learning_rate=s.stage1_learning_rate, weight_decay=0.0)
+  forget = base.sgd(s, "forget", final_learning_rate=s.final_learning_rate)
+  retain = base.sgd(s, "retain", learning_rate=s.retain_learning_rate,
+                    weight_decay=s.retain_weight_decay)
+  phases = [train.Phase("stage1", objectives.kl_uniform, {"data": train.Stream("forget", epochs=1)},
+                        stage1)]
+  for e in range(s.epochs):
+    phases += [
+        train.Phase(f"forget{e}", contrastive,
+                    {"forget": train.Stream("forget", epochs=1), "retain": train.Stream("retain")},
+                    forget, hparams={"temperature": s.temperature}),
+        train.Phase(f"retain{e}", objectives.cross_entropy,
+                    {"data": train.Stream("retain", epochs=1)}, retain)]
+  return train.Recipe(phases)
+
+
+def validate(c, name):
+  base.validate_sgd(c, name)
+  config_lib.check_float(c, f"{name}.temperature", 0, open_low=True)
+  for field in ("final_learning_rate", "stage1_learning_rate", "retain_learning_rate"):
+    config_lib.check_float(c, f"{name}.{field}", 0, open_low=True)
+  config_lib.check_float(c, f"{name}.retain_weight_decay", 0)

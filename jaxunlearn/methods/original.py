@@ -1,0 +1,16 @@
+"""The Original: cross-entropy on all training data (what the deployed model is).
+
+Trained from the run's initialisation (random, or pretrained weights with a fresh
+head) with `config.train`; every unlearning method starts from it.
+"""
+from jaxunlearn import objectives, train
+from jaxunlearn.methods import base
+
+DISPLAY_NAME = "Original"
+SECTION = "train"
+POOL = "all"
+
+
+def recipe(s, pool: str = POOL) -> train.Recipe:
+  return train.Recipe([train.Phase("train", objectives.cross_entropy,
+                                   {"data": train.Stream(pool, epochs=s.epochs)}, base.sgd(s))])

@@ -1,0 +1,88 @@
+"""The workdir: where a run's checkpoints and results live, and what each was computed from.
+
+Every stage's checkpoint records its inputs: the config fields that determine it
+(`stage_inputs`) and the inputs of the stage it started from. A restore compares
+them with the current run's and stops with one line on any difference, so a
+workdir never serves results computed from something else. Different method lists
+share a workdir: a new method reuses the Original and Gold already trained there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import jax
+
+# Fields that decide every stage's result (besides the stage's own section).
+COMMON_FIELDS = ("seed", "forget_class", "batch_size", "data", "model")
+
+
+def atomic_write(path: str, data: bytes | str) -> None:
+  """Writes to a temporary name and renames it into place: never a half-written file."""
+  mode = "wb" if isinstance(data, bytes) else "w"
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+  try:
+    with os.fdopen(fd, mode) as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def _plain(value):
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  return json.loads(json.dumps(value))  # tuples -> lists, as JSON gives them back
+
+
+def stage_inputs(config, section: str | None, parent: dict | None = None, **extra) -> dict:
+  """What a stage's result depends on: the common fields, its section, its parent's inputs."""
+  out = {f: _plain(config[f]) for f in COMMON_FIELDS}
+  if section is not None:
+    out[section] = _plain(config[section])
+  if parent is not None:
+    out["from"] = parent
+  out.update({k: _plain(v) for k, v in extra.items()})
+  return out
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_inputs(path: str, recorded: dict | None, expected: dict) -> None:
+  """Stops with one line when a checkpoint was computed from other inputs than this run's."""
+  if recorded == expected:
+    return
+  if recorded is None:
+    raise ValueError(f"{path} records no inputs (written by an older jaxunlearn); "
+                     f"delete it to recompute it, or use a new --workdir")
+  old, new = _flat(recorded), _flat(expected)
+  diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  k = diff[0]
+  raise ValueError(f"{path} was computed with {k}={old.get(k)!r}, this run has {new.get(k)!r} "
+                   f"({len(diff)} field(s) differ); use a new --workdir to keep both, or delete "
+                   f"{path} to recompute it")
+
+
+def prepare(config, workdir: str) -> dict:
+  """Creates the workdir (checked writable) and records this run's config in config.json."""
+  config_dict = json.loads(config.to_json())
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    atomic_write(os.path.join(workdir, ".write_test"), "")
+    os.remove(os.path.join(workdir, ".write_test"))
+  except OSError as e:
+    raise ValueError(f"--workdir: cannot write to {workdir!r} ({e.strerror}); "
+                     "choose a writable folder") from None
+  if jax.process_index() == 0:  # multi-host: one writer
+    atomic_write(os.path.join(workdir, "config.json"), json.dumps(config_dict, indent=2))
+  return config_dict
