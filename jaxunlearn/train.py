@@ -135,6 +135,18 @@ class Context:
     return self.inputs.frozen
 
 
+@dataclasses.dataclass(frozen=True)
+class Stepper:
+  """A compiled chunk of one phase (`Trainer.stepper`): call it to run `steps` more steps."""
+  call: Callable[[], Any]  # returns the chunk's per-step metrics (on the device)
+  compile_seconds: float
+  steps: int  # steps per call
+  examples_per_step: int  # images through the model per step
+
+  def __call__(self):
+    return self.call()
+
+
 def make_mesh() -> jax.sharding.Mesh:
   # Auto axes: XLA propagates the batch sharding from the index tables and inserts
   # the gradient all-reduce itself.
@@ -344,12 +356,49 @@ class Trainer:
     return jax.lax.scan(lambda st, x: jax.lax.cond(x["active"], step, skip, st, x), state, xs)
 
   def new_state(self, params, optimizer: Optimizer):
-    """(params, optimizer state), replicated; a fresh copy, since chunks donate their state."""
+    """A fresh optimizer state for `params`, replicated."""
     opt_state = self.tx.init(params)
     opt_state.hyperparams.update(learning_rate=jnp.float32(optimizer.learning_rate),
                                  momentum=jnp.float32(optimizer.momentum),
                                  weight_decay=jnp.float32(optimizer.weight_decay))
     return self.place(opt_state)
+
+  def _plan(self, phase: Phase, rng, *, num_steps: int, first_step: int, total_steps: int,
+            lr_steps: tuple[int, int]):
+    """What a phase's chunks need: static key, traced args, per-chunk inputs.
+
+    Returns (static, args, chunk_xs) with chunk_xs(c) the scanned inputs of chunk c.
+    `lr_steps` = (steps its optimizer has taken, steps it takes in the run).
+    """
+    K, opt = self.steps_per_chunk, phase.optimizer
+    num_chunks = max(1, -(-num_steps // K))
+    streams = {}  # batch key -> (epoch keys, pool)
+    for s_i, (name, s) in enumerate(sorted(phase.streams.items())):
+      pool = self.pools[s.pool]
+      keys = stream_keys(jax.random.fold_in(rng, s_i), int(pool.shape[0]),
+                         batch_size=self.batch_size, num_chunks=num_chunks, chunk=K)
+      streams[name] = (keys, pool)
+    all_steps = np.arange(num_chunks * K)
+    active = (all_steps < num_steps).reshape(num_chunks, K)
+    lr = np.broadcast_to(np.asarray(opt.schedule(lr_steps[1])(lr_steps[0] + all_steps), np.float32),
+                         all_steps.shape).reshape(num_chunks, K)
+    step_no = (first_step + all_steps).astype(np.int32).reshape(num_chunks, K)
+    args = self.place(dict(
+        key=jax.random.fold_in(rng, 1 << 20), num_steps=np.int32(total_steps),
+        sign=np.float32(phase.sign), momentum=np.float32(opt.momentum),
+        weight_decay=np.float32(opt.weight_decay),
+        hp={k: np.float32(v) for k, v in phase.hparams.items()}))
+
+    def chunk_xs(c):
+      tables = {name: self._aot(self._table_jit, (), keys, pool, np.int32(c), np.int32(num_steps))
+                for name, (keys, pool) in streams.items()}
+      return dict(active=active[c], lr=lr[c], step=step_no[c], streams=tables)
+
+    return (phase.objective, tuple(sorted(phase.streams))), args, chunk_xs
+
+  def prepare(self, recipe: Recipe, params) -> Inputs:
+    """The recipe's method inputs (its prepare sweep), replicated; empty without one."""
+    return self.place(recipe.prepare(self, params)) if recipe.prepare else Inputs()
 
   def run(self, params, recipe: Recipe | list[Phase], rng: jax.Array, desc: str,
           bar_position: int = 0):
@@ -362,72 +411,78 @@ class Trainer:
     if not isinstance(recipe, Recipe):
       recipe = Recipe(list(recipe))
     compile_before = self.compile_seconds()
-    params = self._copy(params)
-    inputs = self.place(recipe.prepare(self, params)) if recipe.prepare else Inputs()
+    params = self._copy(params)  # the chunks donate their state; the caller keeps its params
+    inputs = self.prepare(recipe, params)
     log = {"loss": []}
     phases = recipe.phases
     # The run's step count and each optimizer's, for progress and learning-rate schedules.
     steps = [self.steps_in(p) for p in phases]
-    total = sum(steps)
     per_opt: dict[str, int] = {}
     for p, n in zip(phases, steps):
       per_opt[p.optimizer.name] = per_opt.get(p.optimizer.name, 0) + n
-    for p in phases:
       if any(q.optimizer.name == p.optimizer.name and q.optimizer != p.optimizer for q in phases):
         raise ValueError(f"{desc}: phases share optimizer {p.optimizer.name!r} with different settings")
     opt_states: dict[str, Any] = {}
     opt_done = dict.fromkeys(per_opt, 0)
-    done = 0
-    K = self.steps_per_chunk
+    done, K = 0, self.steps_per_chunk
+    bar = tqdm(total=sum(steps), desc=desc, disable=not self.progress or not phases, unit="step",
+               dynamic_ncols=True, leave=True, position=bar_position)
+    t0, seen = time.perf_counter(), 0
     for p_i, (phase, num_steps) in enumerate(zip(phases, steps)):
       opt = phase.optimizer
       if opt.name not in opt_states:
         opt_states[opt.name] = self.new_state(params, opt)
       state = (params, opt_states.pop(opt.name))
+      static, args, chunk_xs = self._plan(
+          phase, jax.random.fold_in(rng, p_i), num_steps=num_steps, first_step=done,
+          total_steps=sum(steps), lr_steps=(opt_done[opt.name], per_opt[opt.name]))
       num_chunks = -(-num_steps // K)
-      pkey = jax.random.fold_in(rng, p_i)
-      streams = {}  # batch key -> (epoch keys, pool)
-      for s_i, (name, s) in enumerate(sorted(phase.streams.items())):
-        pool = self.pools[s.pool]
-        keys = stream_keys(jax.random.fold_in(pkey, s_i), int(pool.shape[0]),
-                           batch_size=self.batch_size, num_chunks=num_chunks, chunk=K)
-        streams[name] = (keys, pool)
-      all_steps = np.arange(num_chunks * K)
-      active = (all_steps < num_steps).reshape(num_chunks, K)
-      lr = np.broadcast_to(np.asarray(opt.schedule(per_opt[opt.name])(
-          opt_done[opt.name] + all_steps), np.float32), all_steps.shape).reshape(num_chunks, K)
-      step_no = (done + all_steps).astype(np.int32).reshape(num_chunks, K)
-      args = self.place(dict(
-          key=jax.random.fold_in(pkey, 1 << 20), num_steps=np.int32(total),
-          sign=np.float32(phase.sign), momentum=np.float32(opt.momentum),
-          weight_decay=np.float32(opt.weight_decay),
-          hp={k: np.float32(v) for k, v in phase.hparams.items()}))
-      static = (phase.objective, tuple(sorted(phase.streams)))
-      bar = tqdm(total=num_steps, desc=f"{desc}/{phase.name}", disable=not self.progress,
-                 unit="step", dynamic_ncols=True, leave=True, position=bar_position)
-      pending, t0, seen = None, time.perf_counter(), 0
+      if len(phases) > 1:
+        bar.set_description(f"{desc}/{phase.name}")
+      pending = None
       for c in range(num_chunks + 1):
         if self.cancel.is_set():
           raise Cancelled(f"{desc}: stopped because another stage failed")
         if c < num_chunks:
-          tables = {name: self._aot(self._table_jit, (), keys, pool, np.int32(c),
-                                    np.int32(num_steps))
-                    for name, (keys, pool) in streams.items()}
-          xs = dict(active=active[c], lr=lr[c], step=step_no[c], streams=tables)
-          state, metrics = self._aot(self._chunk_jit, static, state, self.train, inputs, args, xs)
+          state, metrics = self._aot(self._chunk_jit, static, state, self.train, inputs, args,
+                                     chunk_xs(c))
         # Read the previous chunk's metrics while this one runs: no host stall.
         if pending is not None:
-          seen += self._report(pending, bar, phase, log, t0, seen, steps_done=min(c * K, num_steps))
+          seen += self._report(pending, bar, phase, log, t0, seen, steps_done=done + min(c * K, num_steps))
         pending = (metrics, min(K, num_steps - c * K)) if c < num_chunks else None
-      bar.close()
       params, opt_states[opt.name] = state
       opt_done[opt.name] += num_steps
       done += num_steps
+    bar.close()
     if recipe.edit is not None:
       hp = self.place({k: np.float32(v) for k, v in recipe.edit_hparams.items()})
       params = self._aot(self._edit_jit, (recipe.edit,), params, inputs, hp)
     log["compile_seconds"] = self.compile_seconds() - compile_before
     return params, log
+
+  def stepper(self, phase: Phase, params, inputs: Inputs | None = None,
+              rng: jax.Array | None = None) -> "Stepper":
+    """One phase's compiled chunk, to call again and again (benchmarks).
+
+    Each call runs `steps_per_chunk` steps of the phase (all active), continuing
+    from the previous call's state, exactly as `run` executes them.
+    """
+    rng = jax.random.key(0) if rng is None else rng
+    before = self.compile_seconds()
+    num_steps = self.steps_per_chunk
+    static, args, chunk_xs = self._plan(phase, rng, num_steps=num_steps, first_step=0,
+                                        total_steps=num_steps, lr_steps=(0, num_steps))
+    xs = chunk_xs(0)
+    inputs = self.place(inputs or Inputs())
+    state = [(self._copy(params), self.new_state(params, phase.optimizer))]
+
+    def call():
+      state[0], metrics = self._aot(self._chunk_jit, static, state[0], self.train, inputs, args, xs)
+      return metrics
+
+    call()  # compiles (timed apart) and warms up
+    examples = self.batch_size * len(phase.streams)
+    return Stepper(call, self.compile_seconds() - before, num_steps, examples)
 
   def _edit(self, edit, params, inputs, hp):
     ctx = self._context(jax.random.key(0), jnp.int32(0), jnp.int32(1), hp, inputs)
@@ -444,7 +499,7 @@ class Trainer:
     log["loss"].extend(float(v) for v in losses_K)
     examples = int(np.sum(np.asarray(m["examples"])[:n_active]))
     rate = (seen + examples) / max(time.perf_counter() - t0, 1e-9)
-    bar.update(n_active)
+    bar.update(len(losses_K))
     bar.set_postfix(loss=f"{losses_K.mean():.4f}", ex_per_s=f"{rate:,.0f}")
     return examples
 
