@@ -1,15 +1,23 @@
 """Throughput of the study's steps in JAX, against the same CE step in PyTorch.
 
   python scripts/benchmark.py --model ti16 --batch_sizes 8,64 --dtype float32
-  python scripts/benchmark.py --model digits --batch_sizes 64 --out /tmp/digits.json
+  python scripts/benchmark.py --model digits --batch_sizes 64 --methods two_stage,scrub
   python scripts/benchmark.py --configs ti16:8,digits:64 --omp_wait_policy PASSIVE
-  python scripts/benchmark.py --quick          # digits, batch 8, a few steps (the test)
+  python scripts/benchmark.py --configs ti16:64 --methods none --no-torch --gemms  # GEMMs alone
+  python scripts/benchmark.py --quick          # 1-block digits ViT, batch 8, a few steps (the test)
 
-For each (model, batch size, dtype) it measures, on JAX's default backend:
-  * the steps of the study through `train.Trainer`'s own compiled chunk functions
-    (`steps_per_chunk` steps per call, one `lax.scan`): the CE train step, the
-    unlearning steps (negated CE, KL to uniform, contrastive + retain CE), and
-    evaluation (`Trainer._predict_fn`, a `lax.map` over batches);
+For each (model, batch size, dtype) it measures, on JAX's default backend and only
+through `train.Trainer`'s public API, so what is timed is what the pipeline runs:
+  * the CE train step: a `Trainer.stepper` of the Original's recipe
+    (`methods.original.recipe(config.train)`); a call runs `steps_per_chunk` steps
+    in one compiled `lax.scan`;
+  * every unlearning method of `methods.METHODS` (`--methods`), its recipe built
+    from its base-config section: `Trainer.prepare` (the method's prepare sweep,
+    where it has one; whole calls, row `<method>/prepare`), then one
+    `Trainer.stepper` per distinct step of the recipe (objective and streams; row
+    `<method>/<objective>`). A method without phases (SSD) is timed as whole
+    `Trainer.run` calls instead (its prepare sweeps and its edit; row `<method>/run`);
+  * evaluation: whole `Trainer.predict` calls over the test set (a `lax.map` over batches);
   * the same CE train step written the straightforward PyTorch way: transformers'
     `ViTForImageClassification`, eager (sdpa and eager attention, the faster
     reported; called in turn with the JAX CE step, round by round, so a busy
@@ -20,16 +28,27 @@ For each (model, batch size, dtype) it measures, on JAX's default backend:
     gradient) alone, in JAX and in PyTorch: how fast the two libraries' GEMM
     kernels are at the step's shapes, apart from everything else in the step.
 
-Also `ce_train_jit`: the CE step body in a plain jit, one dispatch per step (not
-what the study runs; it isolates what the chunk's lax.scan costs).
+What the public API does not give, and is therefore no longer measured: the CE
+step in a plain jit, one dispatch per step (`ce_train_jit`, which isolated what
+the chunk's lax.scan costs; it needs the Trainer's private step body and
+optimizer), and XLA's cost analysis of a compiled chunk (the Trainer does not hand
+out its compiled functions). GFLOP/s and the fraction of the matmul peak count
+model FLOPs instead: the ViT's matmuls counted by hand (`vit_forward_flops`), 3
+forward passes' worth per trained image and 1 per evaluated one. Prepare sweeps
+and SSD's run have no such count, and no steps: they report ms per call only.
+
+Compile seconds: a stepper's `compile_seconds`, a prepare or run row's change of
+`Trainer.compile_seconds()` over its first call. A step whose function an earlier
+row compiled (same objective, stream names and input shapes; e.g. fine-tuning's
+CE step is the Original's) reuses that compile and says so (`compiled_by`).
+Evaluation's jit is not on the Trainer's clock: its compile time is estimated as
+its first call minus its median call.
 
 Images are synthetic uint8 at their stored size, resized and normalised inside
 the step, as in the study: ti16 stores 32x32x3 (CIFAR-10) and resizes to 224;
-digits stores 8x8x1 at model resolution. Steps time whole chunk calls after
-`jax.block_until_ready` and report the median (and the minimum). FLOPs come
-from XLA's cost analysis of the compiled chunk (see `_loop_body_counted_once`:
-XLA counts a while-loop body once, whatever the trip count), next to the
-hand-counted matmul FLOPs of the ViT (`vit_forward_flops`).
+digits stores 8x8x1 at model resolution. Class 0 is forgotten (a tenth of the
+training set, two full batches or more). Calls are timed after
+`jax.block_until_ready`; rows report the median call (and the minimum).
 
 Writes `--out` (JSON) and prints a Markdown table.
 """
@@ -51,49 +70,53 @@ from typing import Any, Callable
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO))  # runs from a checkout without `pip install -e .` as well
 
+if __name__ == "__main__" and {"--quick", "--fast_compile"} & set(sys.argv):
+  # The Trainer compiles with XLA's defaults, so the optimisation level can only come
+  # from XLA_FLAGS, which XLA reads once, when JAX starts: here, before jax loads.
+  # Level 0 halves a smoke test's CPU compile time (its steps then run ~2x slower).
+  os.environ["XLA_FLAGS"] = " ".join(
+      [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxunlearn import config as config_lib, datasets, model as model_lib, objectives, train
-from jaxunlearn.methods import two_stage
+from jaxunlearn import config as config_lib, datasets, model as model_lib, scenario, train
+from jaxunlearn.methods import METHODS, original
 
 _NUM_CLASSES = 10
-_LEARNING_RATE = 1e-4  # small, so random data never drives the loss to NaN mid-benchmark
+_FORGET_CLASS = 0
 
-def _model_spec(name: str) -> dict[str, Any]:
-  """How a model's images are stored (size, channels, white value) and its ViT sizes."""
+
+def _model_spec(name: str, depth: int = 0) -> dict[str, Any]:
+  """How a model's images are stored (size, channels, white value) and its ViT sizes.
+
+  depth > 0 replaces the model's number of blocks (--quick: one block, a fast compile).
+  """
   if name == "ti16":
     # CIFAR-10 as the study feeds it: 32x32 uint8, bilinear-resized to 224 in the step.
     vit = dict(num_classes=_NUM_CLASSES, image_size=224, layer_norm_eps=1e-6,
                **model_lib.VARIANTS["Ti/16"])
-    return dict(name=name, vit=vit, stored_size=32, channels=3, pixel_max=255.0)
-  if name == "digits":
-    spec = importlib.util.spec_from_file_location("digits_config", _REPO / "configs" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    spec = dict(name=name, vit=vit, stored_size=32, channels=3, pixel_max=255.0)
+  elif name == "digits":
+    module_spec = importlib.util.spec_from_file_location("digits_config",
+                                                         _REPO / "configs" / "digits.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
     c = module.get_config()
     vit = model_lib.model_kwargs(c.model, _NUM_CLASSES)
-    return dict(name=name, vit=vit, stored_size=c.model.image_size, channels=1, pixel_max=16.0)
-  raise ValueError(f"--model: unknown model {name!r}; allowed: ti16, digits")
-
-
-# Step name -> (objective, {batch key the objective reads: pool it draws from}, sign),
-# as the methods' phases set them (gradient ascent: CE with sign -1).
-def _jax_steps() -> dict[str, tuple[Callable, dict[str, str], float]]:
-  temperature = config_lib.get_base_config().two_stage.temperature
-  return {
-      "ce_train": (objectives.cross_entropy, {"data": "all"}, 1.0),
-      "negated_ce": (objectives.cross_entropy, {"data": "forget"}, -1.0),
-      "kl_uniform": (objectives.kl_uniform, {"data": "forget"}, 1.0),
-      "contrastive_retain": (two_stage._stage2_objective(temperature),
-                             {"forget": "forget", "retain": "retain"}, 1.0),
-  }
+    spec = dict(name=name, vit=vit, stored_size=c.model.image_size, channels=1, pixel_max=16.0)
+  else:
+    raise ValueError(f"--model: unknown model {name!r}; allowed: ti16, digits")
+  if depth:
+    spec["vit"] = dict(spec["vit"], depth=depth)
+  return spec
 
 
 MODELS = ("ti16", "digits")
-STEP_NAMES = ("ce_train", "ce_train_jit", "negated_ce", "kl_uniform", "contrastive_retain", "eval")
+# Rows besides the methods' (--jax_steps).
+STEP_NAMES = ("ce_train", "eval")
 
 
 # ---------------------------------------------------------------- timing ----
@@ -115,58 +138,28 @@ def _rates(call_times_s: list[float], steps_per_call: int, examples_per_step: fl
               examples_per_step=examples_per_step, call_times_s=call_times_s)
 
 
+
+def _interleaved(calls: dict[str, tuple[Callable, Callable]], num_rounds: int) -> dict[str, list]:
+  """Call times of several steps, one call of each per round, so that a neighbour's
+  burst of load on a shared machine falls on all of them alike."""
+  times = {name: [] for name in calls}
+  for _ in range(num_rounds):
+    for name, (call, sync) in calls.items():
+      times[name] += _time_calls(call, 1, sync)
+  return times
+
+
 # ------------------------------------------------------------ JAX steps ----
 
 def _synthetic_data(spec: dict, num_train: int, num_test: int, seed: int = 0) -> datasets.Dataset:
   r = np.random.default_rng(seed)
   shape = (spec["stored_size"], spec["stored_size"], spec["channels"])
   images = lambda n: r.integers(0, int(spec["pixel_max"]) + 1, (n, *shape)).astype(np.uint8)
-  # Every class present, so the forget (class 0) and retain pools are never empty.
+  # Every class present, so the forget and retain pools are never empty.
   labels = lambda n: (np.arange(n) % _NUM_CLASSES).astype(np.int32)
   return datasets.Dataset(images(num_train), labels(num_train), images(num_test), labels(num_test),
                           num_classes=_NUM_CLASSES, pixel_max=spec["pixel_max"],
                           class_names=tuple(map(str, range(_NUM_CLASSES))))
-
-
-def _fresh_state(trainer: train.Trainer, params):
-  # As Trainer.run builds it: replicated params and SGD state with the lr inside.
-  params = trainer._copy(params)
-  opt_state = trainer.tx.init(params)
-  opt_state.hyperparams["learning_rate"] = jnp.asarray(_LEARNING_RATE, jnp.float32)
-  return params, jax.device_put(opt_state, trainer.replicated)
-
-
-def _chunk_inputs(trainer: train.Trainer, pools: dict[str, str], sign: float = 1.0):
-  """xs of one chunk (steps_per_chunk steps), exactly as Trainer.run feeds its chunk function."""
-  num_steps = trainer.steps_per_chunk
-  streams = {}
-  for i, (name, pool_name) in enumerate(sorted(pools.items())):
-    pool = trainer.pools[pool_name]
-    keys = train.stream_keys(jax.random.key(i), int(pool.shape[0]), batch_size=trainer.batch_size,
-                             num_chunks=1, chunk=num_steps)
-    streams[name] = trainer.chunk_table(keys, pool, 0, num_steps)
-  return dict(active=np.ones(num_steps, bool), sign=np.full(num_steps, sign, np.float32),
-              streams=streams)
-
-
-def _loop_body_counted_once() -> dict:
-  """Whether XLA's cost analysis counts a scan's body once or trip-count times.
-
-  HloCostAnalysis visits a while loop's body once and ignores the trip count, so
-  the cost of a K-step chunk is the cost of one step (with jax 0.10.2 the counts
-  of the Trainer's 1-, 2- and 5-step CE chunks agree). Checked on every run, on
-  a 1- and a 2-step scan of a matmul, so an XLA that multiplies is noticed.
-  """
-  def scan_of_matmuls(x_NxN, length):
-    return jax.lax.scan(lambda c, _: (c @ x_NxN, None), x_NxN, None, length=length)[0]
-
-  x_NxN = jnp.ones((64, 64), jnp.float32)
-  flops = [jax.jit(scan_of_matmuls, static_argnums=1).lower(x_NxN, k).compile()
-           .cost_analysis()["flops"] for k in (1, 2)]
-  # Not exactly equal: the 2-step loop adds its counter's increment (2 FLOPs).
-  return dict(loop_body_counted_once=bool(abs(flops[1] - flops[0]) < 0.01 * flops[0]),
-              flops_1_step_scan=flops[0], flops_2_step_scan=flops[1],
-              flops_one_matmul=2 * 64**3)
 
 
 def vit_forward_flops(vit: dict, channels: int) -> float:
@@ -184,126 +177,99 @@ def vit_forward_flops(vit: dict, channels: int) -> float:
   return 2 * N * P * P * channels * D + vit["depth"] * per_block + 2 * D * vit["num_classes"]
 
 
-def _flops(compiled, lowered, num_devices: int, steps_in_cost: int) -> dict:
-  # The compiled module is one device's partitioned program: scale by the devices
-  # (replicated work such as the SGD update then counts once per device, as it runs).
-  per_call = compiled.cost_analysis()["flops"] * num_devices
-  per_call_lowered = lowered.cost_analysis()["flops"]  # the global, unpartitioned program
-  return dict(flops_per_step=per_call / steps_in_cost,
-              flops_per_step_lowered=per_call_lowered / steps_in_cost)
+def _step_kinds(recipe: train.Recipe) -> list[train.Phase]:
+  """The first phase of each distinct step of a recipe: its objective and streams.
 
-
-# XLA options of every compile; --quick sets backend optimisation level 0, which
-# halves the CPU compile time of a smoke test (its steps then run ~3x slower).
-_COMPILER_OPTIONS: dict[str, Any] = {}
-
-
-def _compile(fn_lower: Callable[[], Any]) -> tuple[Any, Any, dict]:
-  t0 = time.perf_counter()
-  lowered = fn_lower()
-  t1 = time.perf_counter()
-  compiled = lowered.compile(compiler_options=_COMPILER_OPTIONS or None)
-  t2 = time.perf_counter()
-  return lowered, compiled, dict(lower_s=t1 - t0, compile_s=(t1 - t0) + (t2 - t1), xla_compile_s=t2 - t1)
-
-
-def _init_params(vit: model_lib.ViT, channels: int):
-  # model_lib.init_params, but compiled with _COMPILER_OPTIONS (--quick's compile time).
-  images = jnp.zeros((1, vit.image_size, vit.image_size, channels), jnp.float32)
-  _, init, _ = _compile(lambda: jax.jit(lambda r: vit.init(r, images)["params"]).lower(jax.random.key(0)))
-  return init(jax.random.key(0))
-
-
-class _JaxStep:
-  """One of the Trainer's compiled chunk functions, ready to time repeatedly."""
-  scanned = True  # its cost analysis covers a lax.scan of K steps
-
-  def __init__(self, trainer: train.Trainer, params, objective, pools: dict[str, str],
-               sign: float):
-    self.K = trainer.steps_per_chunk
-    self.examples_per_step = trainer.batch_size * len(pools)  # images through the model
-    fn = trainer._chunk_fn(objective, tuple(sorted(pools)))
-    self.xs = _chunk_inputs(trainer, pools, sign)
-    self.state = _fresh_state(trainer, params)
-    self.train = trainer.train
-    # The same jit Trainer.run calls; lower+compile ahead of time to time the compile.
-    self.lowered, self.compiled, self.compile_info = _compile(
-        lambda: fn.lower(self.state, self.train, self.xs))
-
-  def __call__(self):
-    # The chunk donates its state: thread it through, as Trainer.run does.
-    self.state, metrics = self.compiled(self.state, self.train, self.xs)
-    return metrics
-
-
-class _JaxPlainStep:
-  """The CE step body of Trainer._run_chunk in a plain jit: one dispatch per step.
-
-  Not what the study runs: a reference that isolates the cost of the chunk's
-  lax.scan (on XLA:CPU the scanned step is slower, more so at large batches).
+  Phases that differ only in length, optimizer settings or hyperparameters run
+  the same compiled step at the same cost (those are traced inputs of the step).
   """
-  scanned = False
-
-  def __init__(self, trainer: train.Trainer, params):
-    self.K = trainer.steps_per_chunk  # dispatches per timed call
-    self.examples_per_step = trainer.batch_size
-    tables = _chunk_inputs(trainer, {"data": "all"})["streams"]["data"]
-    idx_B, mask_B = (a[0] for a in tables)
-    self.args = (trainer.train, idx_B, mask_B)
-    self.state = _fresh_state(trainer, params)
-
-    def step(state, train_data, idx_B, mask_B):
-      (images_N, labels_N), (params, opt_state) = train_data, state
-      batch = {"data": dict(image=images_N[idx_B], label=labels_N[idx_B], mask=mask_B)}
-      (loss, _), grads = jax.value_and_grad(objectives.cross_entropy, argnums=1, has_aux=True)(
-          trainer.apply, params, batch)
-      updates, opt_state = trainer.tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss
-
-    jitted = jax.jit(step, donate_argnums=(0,), out_shardings=trainer.replicated)
-    self.lowered, self.compiled, self.compile_info = _compile(
-        lambda: jitted.lower(self.state, *self.args))
-
-  def __call__(self):
-    for _ in range(self.K):
-      self.state, loss = self.compiled(self.state, *self.args)
-    return loss
+  seen = {}
+  for phase in recipe.phases:
+    key = (phase.objective, tuple(sorted((k, s.pool) for k, s in phase.streams.items())))
+    seen.setdefault(key, phase)
+  return list(seen.values())
 
 
-class _JaxEval:
-  """Trainer._predict_fn over the test set: `K` batches per call, one lax.map."""
-  scanned = True
-
-  def __init__(self, trainer: train.Trainer, params):
-    n = int(trainer.test[1].shape[0])
-    self.K = -(-n // trainer.eval_width)  # batches per call
-    self.examples_per_step = n / self.K
-    self.params, self.test = trainer.place(params), trainer.test
-    self.lowered, self.compiled, self.compile_info = _compile(
-        lambda: trainer._predict_fn.lower(self.params, self.test, num_batches=self.K))
-
-  def __call__(self):
-    return self.compiled(self.params, self.test)
+def _row_names(method: str, phases: list[train.Phase]) -> list[str]:
+  """`<method>/<objective>`; the phase's name is added where two steps share an objective."""
+  names = [p.objective.__name__ for p in phases]
+  return [f"{method}/{n}" if names.count(n) == 1 else f"{method}/{n}:{p.name}"
+          for n, p in zip(names, phases)]
 
 
-def _prepare_jax(step, warmup: int, num_devices: int, body_once: bool) -> dict:
-  """First call and warmup calls of a compiled JAX step; its compile times and FLOPs."""
-  # XLA counts a scan's body once (see _loop_body_counted_once): then its cost is one step's.
-  steps_in_cost = step.K if step.scanned and not body_once else 1
-  first_call_s = _time_calls(step, 1, jax.block_until_ready)[0]
-  _time_calls(step, warmup, jax.block_until_ready)
-  return dict(step.compile_info, first_call_s=first_call_s, steps_per_call=step.K,
-              **_flops(step.compiled, step.lowered, num_devices, steps_in_cost))
+def _compile_key(phase: train.Phase, inputs: train.Inputs):
+  # What the Trainer's compile cache tells steps apart by (bar the pool sizes, which
+  # only change the tiny batch-index tables): objective, stream names, input shapes.
+  leaves, treedef = jax.tree.flatten(inputs)
+  return (phase.objective, tuple(sorted(phase.streams)), treedef,
+          tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
 
 
-def _interleaved(calls: dict[str, tuple[Callable, Callable]], num_rounds: int) -> dict[str, list]:
-  """Call times of several steps, one call of each per round, so that a neighbour's
-  burst of load on a shared machine falls on all of them alike."""
-  times = {name: [] for name in calls}
-  for _ in range(num_rounds):
-    for name, (call, sync) in calls.items():
-      times[name] += _time_calls(call, 1, sync)
-  return times
+def _stepper(trainer: train.Trainer, phase: train.Phase, params, inputs,
+             warmup: int) -> tuple[train.Stepper, dict]:
+  """A phase's Stepper, compiled and warmed up (its first call, then `warmup` more)."""
+  t0 = time.perf_counter()
+  stepper = trainer.stepper(phase, params, inputs)
+  setup_s = time.perf_counter() - t0  # compile + first call
+  _time_calls(stepper, warmup, jax.block_until_ready)
+  return stepper, dict(kind="step", phase=phase.name, objective=phase.objective.__name__,
+                       streams={k: s.pool for k, s in sorted(phase.streams.items())},
+                       compile_s=stepper.compile_seconds, setup_s=setup_s,
+                       steps_per_call=stepper.steps)
+
+
+def _time_whole_calls(trainer: train.Trainer, call: Callable[[], Any], num_calls: int) -> dict:
+  """First call (compiles) and `num_calls` more, of a call without steps (prepare, run)."""
+  compile_before = trainer.compile_seconds()
+  first_call_s = _time_calls(call, 1, jax.block_until_ready)[0]
+  compile_s = trainer.compile_seconds() - compile_before
+  times = _time_calls(call, num_calls, jax.block_until_ready)
+  return dict(compile_s=compile_s, first_call_s=first_call_s,
+              ms_per_call=1e3 * statistics.median(times), ms_per_call_min=1e3 * min(times),
+              call_times_s=times)
+
+
+def time_method(trainer: train.Trainer, name: str, section, params, num_calls: int,
+                compiled_by: dict) -> dict[str, dict]:
+  """Rows of one method: its prepare sweep, one row per distinct step (or its whole run)."""
+  recipe = METHODS[name].recipe(section)
+  rows = {}
+  if recipe.prepare is not None:
+    inputs = None
+    def prepare():
+      nonlocal inputs
+      inputs = trainer.prepare(recipe, params)
+      return inputs
+    rows[f"{name}/prepare"] = dict(kind="call", **_time_whole_calls(trainer, prepare, num_calls))
+  else:
+    inputs = trainer.prepare(recipe, params)
+  if not recipe.phases:  # nothing to step through (SSD): time the whole stage
+    run = lambda: trainer.run(params, recipe, jax.random.key(0), name)[0]
+    rows[f"{name}/run"] = dict(kind="call", **_time_whole_calls(trainer, run, num_calls))
+    return rows
+  phases = _step_kinds(recipe)
+  for row, phase in zip(_row_names(name, phases), phases):
+    print(f"  jax {row} ...", flush=True)
+    stepper, rows[row] = _stepper(trainer, phase, params, inputs, warmup=0)
+    times = _time_calls(stepper, num_calls, jax.block_until_ready)
+    rows[row].update(_rates(times, stepper.steps, stepper.examples_per_step),
+                     compiled_by=compiled_by.setdefault(_compile_key(phase, inputs), row))
+  return rows
+
+
+def time_eval(trainer: train.Trainer, params, num_calls: int, warmup: int) -> dict:
+  """Whole `Trainer.predict` calls over the test set; a "step" is one batch of the lax.map."""
+  n = int(trainer.test[1].shape[0])
+  num_batches = -(-n // trainer.eval_width)
+  call = lambda: trainer.predict(params, "test")
+  first_call_s = _time_calls(call, 1, jax.block_until_ready)[0]
+  _time_calls(call, warmup, jax.block_until_ready)
+  times = _time_calls(call, num_calls, jax.block_until_ready)
+  # predict's jit is not on the Trainer's compile clock: estimate it.
+  compile_s = max(first_call_s - statistics.median(times), 0.0)
+  return dict(kind="step", first_call_s=first_call_s, compile_s=compile_s,
+              compile_s_estimated=True, steps_per_call=num_batches,
+              **_rates(times, num_batches, n / num_batches))
 
 
 # ---------------------------------------------------------------- PyTorch ----
@@ -311,8 +277,8 @@ def _interleaved(calls: dict[str, tuple[Callable, Callable]], num_rounds: int) -
 class TorchCEStep:
   """The CE train step written the straightforward PyTorch way; a call runs K steps.
 
-  forward (transformers ViTForImageClassification) + CE + backward + SGD(0.9),
-  from the same uint8 images resized and normalised in the step. `spec` is plain
+  forward (transformers ViTForImageClassification) + CE + backward + SGD with the
+  Original's settings, from the same uint8 images resized and normalised in the step. `spec` is plain
   JSON so the torch.compile variant can run in a subprocess with a timeout.
   """
 
@@ -336,7 +302,9 @@ class TorchCEStep:
         qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     net = transformers.ViTForImageClassification._from_config(
         config, attn_implementation=spec["attn"]).to(device).train()
-    self.opt = torch.optim.SGD(net.parameters(), lr=_LEARNING_RATE, momentum=0.9)
+    # The Original's SGD (config.train), as the JAX step runs it.
+    self.opt = torch.optim.SGD(net.parameters(), lr=spec["learning_rate"],
+                               momentum=spec["momentum"], weight_decay=spec["weight_decay"])
 
     self.B, self.K = spec["batch_size"], spec["steps_per_call"]
     S, h, pixel_max = vit["image_size"], m["stored_size"], m["pixel_max"]
@@ -490,44 +458,38 @@ def gemm_table(results: list[dict]) -> str:
 
 # ------------------------------------------------------------- one config ----
 
-def benchmark_config(spec: dict, batch_size: int, dtype: str, args, peak: dict, body_once) -> dict:
-  """All JAX steps and the PyTorch CE step for one (model, batch size, dtype)."""
+def benchmark_config(spec: dict, batch_size: int, dtype: str, args, peak: dict) -> dict:
+  """All JAX rows and the PyTorch CE step for one (model, batch size, dtype)."""
   K = args.steps_per_chunk
   num_calls = max(1, -(-args.steps // K))
+  method_calls = max(1, -(-args.method_steps // K))
   vit = model_lib.ViT(**spec["vit"], dtype=getattr(jnp, dtype))
-  params = _init_params(vit, spec["channels"])
+  params = model_lib.init_params(vit, jax.random.key(0), spec["channels"])
   # 20 batches of training images: the forget pool (a tenth) fills two whole batches,
   # so every timed step is a full batch of real examples.
   data = _synthetic_data(spec, num_train=max(512, 20 * batch_size), num_test=K * batch_size)
-  trainer = train.Trainer(vit, data, forget_class=0, batch_size=batch_size, momentum=0.9,
-                          steps_per_chunk=K, eval_batch_size=batch_size, progress=False)
-  n_dev = trainer.mesh.devices.size
-  if body_once is None:
-    body_once = _loop_body_counted_once()
-  once = body_once["loop_body_counted_once"]
-  steps = _jax_steps()
-  wanted = [s for s in STEP_NAMES if s in args.jax_steps]
-  jax_results = {}
+  pools = scenario.Scenario("class", (_FORGET_CLASS,), data.train_labels == _FORGET_CLASS,
+                            data.test_labels == _FORGET_CLASS).pools()
+  trainer = train.Trainer(vit, data, pools, batch_size=batch_size, steps_per_chunk=K,
+                          eval_batch_size=batch_size, progress=False)
+  base = config_lib.get_base_config()
+  jax_results, compiled_by = {}, {}
 
-  def make_jax(name):
-    if name == "eval":
-      return _JaxEval(trainer, params)
-    if name == "ce_train_jit":
-      return _JaxPlainStep(trainer, params)
-    return _JaxStep(trainer, params, *steps[name])
-
-  # The CE step: the Trainer's chunk, the same body jitted alone and PyTorch eager,
-  # called in turn, round by round, so their ratios hold on a busy machine.
+  # The CE step: the Original's and PyTorch eager, called in turn, round by round,
+  # so their ratio holds on a busy machine.
   torch_result = None
-  if "ce_train" in wanted:
-    print("  jax ce_train (+ ce_train_jit) + pytorch eager ce_train, interleaved ...", flush=True)
-    jax_ce = {name: make_jax(name) for name in ("ce_train", "ce_train_jit") if name in wanted}
-    calls = {}
-    for name, step in jax_ce.items():
-      jax_results[name] = _prepare_jax(step, args.warmup, n_dev, once)
-      calls[name] = (step, jax.block_until_ready)
+  if "ce_train" in args.jax_steps:
+    print("  jax ce_train + pytorch eager ce_train, interleaved ...", flush=True)
+    (phase,) = original.recipe(base.train).phases
+    ce_step, jax_results["ce_train"] = _stepper(trainer, phase, params, None, args.warmup)
+    jax_results["ce_train"].update(compiled_by=compiled_by.setdefault(
+        _compile_key(phase, train.Inputs()), "ce_train"))
+    calls = {"ce_train": (ce_step, jax.block_until_ready)}
     torch_spec = dict(model=spec, batch_size=batch_size, dtype=dtype, steps_per_call=K,
-                      num_calls=num_calls, warmup=args.warmup, threads=args.torch_threads)
+                      num_calls=num_calls, warmup=args.warmup, threads=args.torch_threads,
+                      learning_rate=phase.optimizer.learning_rate,
+                      momentum=phase.optimizer.momentum,
+                      weight_decay=phase.optimizer.weight_decay)
     eager, torch_steps = {}, {}
     for attn in (args.torch_attn if args.torch else []):
       try:
@@ -536,12 +498,11 @@ def benchmark_config(spec: dict, batch_size: int, dtype: str, args, peak: dict, 
       except Exception as e:  # e.g. an attention implementation this build lacks
         eager[attn] = dict(status=f"failed: {type(e).__name__}: {str(e)[:300]}")
     times = _interleaved(calls, num_calls)
-    for name, step in jax_ce.items():
-      jax_results[name].update(_rates(times.pop(name), K, step.examples_per_step),
-                               interleaved_with=sorted(set(calls) - {name}))
+    jax_results["ce_train"].update(_rates(times.pop("ce_train"), K, ce_step.examples_per_step),
+                                   interleaved_with=sorted(set(calls) - {"ce_train"}))
     for attn, t in times.items():
       eager[attn].update(_rates(t, K, batch_size), status="ok")
-    del torch_steps, calls  # free the PyTorch models before the next steps
+    del ce_step, torch_steps, calls  # free the models before the next steps
     if args.torch:
       ok = {a: r for a, r in eager.items() if r["status"] == "ok"}
       best = max(ok, key=lambda a: ok[a]["examples_per_s"]) if ok else None
@@ -551,28 +512,30 @@ def benchmark_config(spec: dict, batch_size: int, dtype: str, args, peak: dict, 
         torch_result["compile"] = _torch_compiled_in_subprocess(
             dict(torch_spec, attn=best, compile=True), args.torch_compile_timeout)
 
-  for name in wanted:
-    if name not in jax_results:
-      print(f"  jax {name} ...", flush=True)
-      step = make_jax(name)
-      jax_results[name] = _prepare_jax(step, args.warmup, n_dev, once)
-      jax_results[name].update(_rates(_time_calls(step, num_calls, jax.block_until_ready),
-                                      step.K, step.examples_per_step))
+  for name in args.methods:
+    print(f"  jax {name} ...", flush=True)
+    jax_results.update(time_method(trainer, name, base[name], params, method_calls, compiled_by))
+
+  if "eval" in args.jax_steps:
+    print("  jax eval ...", flush=True)
+    jax_results["eval"] = time_eval(trainer, params, num_calls, args.warmup)
 
   peak_gflops = peak[dtype]["gflops_per_s"]
   forward_flops = vit_forward_flops(spec["vit"], spec["channels"])
   for name, r in jax_results.items():
-    r["gflops_per_s"] = r["flops_per_step"] / (r["ms_per_step"] / 1e3) / 1e9
-    r["fraction_of_peak"] = r["gflops_per_s"] / peak_gflops
-    passes = 1 if name == "eval" else 3
+    if r["kind"] != "step":
+      continue
+    passes = 1 if name == "eval" else 3  # forward, or forward + backward
     r["model_flops_per_step"] = passes * forward_flops * r["examples_per_step"]
-    r["xla_over_model_flops"] = r["flops_per_step"] / r["model_flops_per_step"]
-  out = dict(model=spec["name"], batch_size=batch_size, dtype=dtype, num_devices=n_dev,
+    r["gflops_per_s"] = r["model_flops_per_step"] / (r["ms_per_step"] / 1e3) / 1e9
+    r["fraction_of_peak"] = r["gflops_per_s"] / peak_gflops
+  out = dict(model=spec["name"], batch_size=batch_size, dtype=dtype,
+             num_devices=trainer.mesh.devices.size, vit=spec["vit"],
              num_params=model_lib.num_params(params),
              input=(f"uint8 {spec['stored_size']}x{spec['stored_size']}x{spec['channels']}"
                     + (f", bilinear-resized to {spec['vit']['image_size']} in the step"
                        if spec["stored_size"] != spec["vit"]["image_size"] else ", at model size")),
-             jax=jax_results, torch=torch_result)
+             pools={k: len(v) for k, v in pools.items()}, jax=jax_results, torch=torch_result)
   if torch_result and "ce_train" in jax_results:
     jax_eps = jax_results["ce_train"]["examples_per_s"]
     best = torch_result["best_attn"]
@@ -580,11 +543,7 @@ def benchmark_config(spec: dict, batch_size: int, dtype: str, args, peak: dict, 
       out["jax_over_torch_eager"] = jax_eps / torch_result["eager"][best]["examples_per_s"]
     if torch_result["compile"].get("status") == "ok":
       out["jax_over_torch_compile"] = jax_eps / torch_result["compile"]["examples_per_s"]
-  if "ce_train" in jax_results and "ce_train_jit" in jax_results:
-    # > 1: the Trainer's scanned chunk is slower than the same step body jitted alone.
-    out["chunk_over_jit_time"] = (jax_results["ce_train"]["ms_per_step"]
-                                  / jax_results["ce_train_jit"]["ms_per_step"])
-  return out, body_once
+  return out
 
 
 # ---------------------------------------------------------------- output ----
@@ -620,9 +579,11 @@ def _fmt(x, spec=".1f", scale=1.0):
   return "" if x is None else format(x * scale, spec)
 
 
+
 def markdown_table(results: list[dict]) -> str:
-  head = ["model", "batch", "dtype", "step", "ex/s", "ms/step", "GFLOP/s", "% of peak",
-          "compile s", "PyTorch eager ex/s", "torch.compile ex/s", "JAX/PyTorch", "JAX/compile"]
+  head = ["model", "batch", "dtype", "step", "ex/s", "ms/step", "ms/call", "GFLOP/s",
+          "% of peak", "compile s", "PyTorch eager ex/s", "torch.compile ex/s", "JAX/PyTorch",
+          "JAX/compile"]
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for res in results:
     t = res.get("torch") or {}
@@ -636,10 +597,14 @@ def markdown_table(results: list[dict]) -> str:
             _fmt(comp.get("examples_per_s")) or comp.get("status", ""),
             _fmt(res.get("jax_over_torch_eager"), ".2f"),
             _fmt(res.get("jax_over_torch_compile"), ".2f")]
+      compile_s = ("~" if r.get("compile_s_estimated") else "") + _fmt(r["compile_s"])
+      if r.get("compiled_by", step) != step:
+        compile_s += f" (as {r['compiled_by']})"
       rows.append("| " + " | ".join([
           res["model"], str(res["batch_size"]), res["dtype"], step,
-          _fmt(r["examples_per_s"]), _fmt(r["ms_per_step"]), _fmt(r["gflops_per_s"]),
-          _fmt(r["fraction_of_peak"], ".1f", 100), _fmt(r["compile_s"]), *torch_cols]) + " |")
+          _fmt(r.get("examples_per_s")), _fmt(r.get("ms_per_step")), _fmt(r.get("ms_per_call")),
+          _fmt(r.get("gflops_per_s")), _fmt(r.get("fraction_of_peak"), ".1f", 100), compile_s,
+          *torch_cols]) + " |")
   return "\n".join(rows)
 
 
@@ -652,11 +617,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--configs", default="",
                  help="comma-separated model:batch pairs, e.g. ti16:8,digits:64 "
                       "(instead of every --model x --batch_sizes)")
+  p.add_argument("--depth", type=int, default=0,
+                 help="transformer blocks of the model (0: the model's own)")
   p.add_argument("--dtype", default="float32", help="comma-separated: float32, bfloat16 (compute)")
-  p.add_argument("--steps", type=int, default=20, help="measured steps per step kind")
-  p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
+  p.add_argument("--steps", type=int, default=20,
+                 help="measured steps of the CE step (against PyTorch) and of evaluation")
+  p.add_argument("--method_steps", type=int, default=10,
+                 help="measured steps of each method's step (whole calls: at least one)")
+  p.add_argument("--warmup", type=int, default=1,
+                 help="untimed calls after the first (CE step, PyTorch, evaluation)")
   p.add_argument("--steps_per_chunk", type=int, default=5, help="steps per compiled call")
-  p.add_argument("--jax_steps", default=",".join(STEP_NAMES), help="comma-separated steps to time")
+  p.add_argument("--jax_steps", default=",".join(STEP_NAMES),
+                 help=f"comma-separated rows besides the methods': {', '.join(STEP_NAMES)}, "
+                      "or none")
+  p.add_argument("--methods", default="all",
+                 help=f"comma-separated methods to time ({', '.join(METHODS)}), all, or none")
   p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
                  help="also time the PyTorch CE step")
   p.add_argument("--torch_attn", default="sdpa,eager",
@@ -673,15 +648,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="also time each dense layer's three matmuls alone, JAX vs PyTorch (fp32)")
   p.add_argument("--out", default="benchmark.json")
   p.add_argument("--fast_compile", action="store_true",
-                 help="XLA backend optimisation level 0: faster compiles, slower steps")
+                 help="XLA backend optimisation level 0: faster compiles, slower steps "
+                      "(run as a script only: it is set before JAX starts)")
   p.add_argument("--quick", action="store_true",
-                 help="smoke test: digits, batch 8, 4 steps, fast compiles, 1 torch thread, no torch.compile")
+                 help="smoke test: digits with one block, batch 8, 2 steps per call, fast "
+                      "compiles, 1 torch thread, no torch.compile")
   p.add_argument("--torch_worker", help=argparse.SUPPRESS)  # internal: one torch_ce_step(spec)
   args = p.parse_args(argv)
-  if args.quick:
-    args.model, args.batch_sizes, args.steps, args.steps_per_chunk = "digits", "8", 4, 2
-    args.warmup, args.torch_compile, args.torch_attn, args.matmul_size = 0, False, "sdpa", 256
-    args.fast_compile, args.torch_threads = True, 1  # a smoke test: its numbers mean little
+  if args.quick:  # a smoke test: its numbers mean little
+    args.model, args.batch_sizes, args.depth, args.steps_per_chunk = "digits", "8", 1, 2
+    args.steps, args.method_steps, args.warmup, args.matmul_size = 4, 2, 0, 256
+    args.torch_compile, args.torch_attn, args.torch_threads = False, "sdpa", 1
   if args.configs:
     pairs = [c.split(":") for c in args.configs.split(",")]
     if any(len(pair) != 2 or not pair[1].isdigit() for pair in pairs):
@@ -690,7 +667,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   else:
     args.configs = [(m, int(b)) for m in args.model.split(",") for b in args.batch_sizes.split(",")]
   args.dtypes = args.dtype.split(",")
-  args.jax_steps = args.jax_steps.split(",")
+  args.jax_steps = [] if args.jax_steps in ("", "none") else args.jax_steps.split(",")
+  args.methods = (list(METHODS) if args.methods == "all" else
+                  [] if args.methods in ("", "none") else args.methods.split(","))
   args.torch_attn = args.torch_attn.split(",")
   for m, _ in args.configs:
     if m not in MODELS:
@@ -700,7 +679,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
       p.error(f"--dtype: unknown dtype {d!r}; allowed: float32, bfloat16")
   for s in args.jax_steps:
     if s not in STEP_NAMES:
-      p.error(f"--jax_steps: unknown step {s!r}; allowed: {', '.join(STEP_NAMES)}")
+      p.error(f"--jax_steps: unknown step {s!r}; allowed: {', '.join(STEP_NAMES)}, none")
+  for m in args.methods:
+    if m not in METHODS:
+      p.error(f"--methods: unknown method {m!r}; allowed: {', '.join(METHODS)}, all, none")
+  if args.steps < 1 or args.method_steps < 1 or args.steps_per_chunk < 1 or args.depth < 0:
+    p.error("--steps, --method_steps and --steps_per_chunk must be >= 1, --depth >= 0")
   return args
 
 
@@ -709,14 +693,11 @@ def main(argv: list[str] | None = None) -> dict:
   if args.torch_worker:
     print(json.dumps(torch_ce_step(json.loads(args.torch_worker))))
     return {}
-  specs = {m: _model_spec(m) for m, _ in args.configs}  # a bad --model fails before any work
+  specs = {m: _model_spec(m, args.depth) for m, _ in args.configs}  # a bad --model fails first
   if args.omp_wait_policy:
     if "torch" in sys.modules:  # libgomp reads it once, when torch loads
       print("warning: torch is already imported; --omp_wait_policy has no effect", flush=True)
     os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # the torch.compile subprocess inherits it
-  _COMPILER_OPTIONS.clear()
-  if args.fast_compile:
-    _COMPILER_OPTIONS["xla_backend_optimization_level"] = 0
   t_start = time.perf_counter()
   info = machine_info()
   n = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
@@ -725,11 +706,11 @@ def main(argv: list[str] | None = None) -> dict:
   if args.torch:
     peak["torch"] = {d: torch_matmul_peak(n, d, num_calls=5, threads=args.torch_threads)
                      for d in ("float32", "bfloat16")}
-  results, body_once = [], None
+  results = []
   for m, b in args.configs:
     for dtype in args.dtypes:
       print(f"{m} batch {b} {dtype}", flush=True)
-      res, body_once = benchmark_config(specs[m], b, dtype, args, peak, body_once)
+      res = benchmark_config(specs[m], b, dtype, args, peak)
       if args.gemms and dtype == "float32":
         print(f"{m} batch {b}: dense-layer GEMMs, JAX vs PyTorch", flush=True)
         res["gemms"] = gemm_comparison(specs[m]["vit"], b, num_calls=max(3, args.steps // 4),
@@ -737,8 +718,7 @@ def main(argv: list[str] | None = None) -> dict:
       results.append(res)
   info["load_average_1m_end"] = os.getloadavg()[0]
   out = dict(machine=info, settings={k: v for k, v in vars(args).items() if k != "torch_worker"},
-             matmul_peak=peak, cost_analysis=body_once, results=results,
-             total_s=time.perf_counter() - t_start)
+             matmul_peak=peak, results=results, total_s=time.perf_counter() - t_start)
   table = markdown_table(results)
   out["table"] = table
   if args.gemms:

@@ -21,13 +21,14 @@ def _mesh(devices):
 
 def test_gpu_training_matches_cpu():
   data = tiny_data()
-  phases = [train.Phase("p", objectives.cross_entropy, {"data": train.Stream("all", epochs=3)})]
+  phases = [train.Phase("p", objectives.cross_entropy, {"data": train.Stream("all", epochs=3)},
+                        train.Optimizer(0.1))]
   out = []
   with jax.default_matmul_precision("highest"):  # no TF32: compare like with like
     for devices in (jax.devices("cpu")[:1], GPUS):
       with jax.default_device(devices[0]):
         t, params = tiny_trainer(data, mesh=_mesh(devices))
-        p, log = t.run(params, phases, jax.random.key(1), "x", 0.1)
+        p, log = t.run(params, phases, jax.random.key(1), "x")
         probs, _ = t.predict(p, "test")
         out.append((np.array(log["loss"]), np.asarray(probs)))
   np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-4, atol=1e-5)

@@ -38,7 +38,7 @@ def test_summarize_matches_numpy():
   ntr, nte, fc = 40, 30, 2
   ytr, yte = rng.integers(0, 4, ntr), rng.integers(0, 4, nte)
   ptr, pte, gold = _probs(ntr, 4), _probs(nte, 4), _probs(nte, 4)
-  got = evaluate.summarize(ptr, ytr, pte, yte, gold, forget_class=fc)
+  got = evaluate.summarize(ptr, ytr, pte, yte, gold, ytr == fc, yte == fc)
   ok_tr, ok_te = ptr.argmax(-1) == ytr, pte.argmax(-1) == yte
   f_tr, f_te = ytr == fc, yte == fc
   np.testing.assert_allclose(got["forget_train_acc"], 100 * ok_tr[f_tr].mean(), rtol=1e-6)
@@ -53,7 +53,7 @@ def test_summarize_matches_numpy():
 
 def test_tsne_indices_takes_whole_batches_until_both_counts():
   labels = np.r_[np.zeros(30), np.ones(170)].astype(int)
-  idx = evaluate.tsne_indices(labels, 0, batch_size=16, num_retain=50, num_forget=10, seed=0)
+  idx = evaluate.tsne_indices(labels == 0, batch_size=16, num_retain=50, num_forget=10, seed=0)
   assert len(idx) % 16 == 0 and len(set(idx)) == len(idx)
   f = (labels[idx] == 0).sum()
   assert f >= 10 and len(idx) - f >= 50

@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxunlearn import checkpoints, config as config_lib, pipeline, report, train
+from jaxunlearn import checkpoints, config as config_lib, pipeline, report, scheduler, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = ("original", "gold", "finetune", "gradient_ascent", "two_stage")
+MODELS = ("original", "retrain", "finetune", "gradient_ascent", "two_stage")
 METRICS = ("forget_train_acc", "forget_test_acc", "retain_train_acc", "retain_test_acc",
-           "entropy_forget_test", "jsd_gold_forget_test", "seconds")
+           "entropy_forget_test", "jsd_gold_forget_test", "seconds", "compile_seconds")
 
 
 def load_config(name):
@@ -29,7 +29,9 @@ def tiny_config():
   c = load_config("digits")
   c.model.patch_size, c.model.hidden_size, c.model.depth = 4, 16, 1
   c.model.num_heads, c.model.mlp_dim = 2, 32
-  c.train_epochs, c.optimizer.learning_rate, c.unlearn_epochs = 10, 0.05, 1
+  c.train.epochs, c.train.learning_rate = 10, 0.05
+  for m in ("finetune", "gradient_ascent", "two_stage"):
+    c[m].epochs = 1
   c.tsne.num_forget, c.tsne.num_retain = 20, 20
   c.progress = False
   return c
@@ -61,14 +63,14 @@ def test_files_and_schema(run):
   assert rows[0].startswith("model,forget_train_acc,retain_test_acc") and len(rows) == 6
   with open(os.path.join(workdir, "results.md")) as f:
     md = f.read()
-  assert "| Gold Standard |" in md and "| 2-Stage |" in md
+  assert "| Gold (retrain) |" in md and "| 2-Stage |" in md
 
 
 def test_original_learns_and_gold_is_its_own_reference(run):
   models = run[1]["models"]
   assert models["original"]["forget_train_acc"] > 10  # better than chance on the forget class
-  assert models["gold"]["forget_test_acc"] == 0  # never saw the class: never predicts it
-  assert models["gold"]["jsd_gold_forget_test"] == pytest.approx(0, abs=1e-6)
+  assert models["retrain"]["forget_test_acc"] == 0  # never saw the class: never predicts it
+  assert models["retrain"]["jsd_gold_forget_test"] == pytest.approx(0, abs=1e-6)
 
 
 def test_rerun_reuses_every_stage(run, monkeypatch):
@@ -89,7 +91,7 @@ def test_failed_run_keeps_earlier_results(run, monkeypatch):
   before = {f: open(os.path.join(workdir, f), "rb").read() for f in ("results.json", "results.md")}
   c = tiny_config()
   c.seed = 7
-  with pytest.raises(ValueError, match="different config.*seed"):
+  with pytest.raises(ValueError, match=r"checkpoints/original was computed with seed=42, this run has 7"):
     pipeline.train_and_evaluate(c, workdir)
 
   def broken(*a, **k):
@@ -102,17 +104,63 @@ def test_failed_run_keeps_earlier_results(run, monkeypatch):
     assert open(os.path.join(workdir, f), "rb").read() == data
 
 
+def test_changed_method_setting_names_the_field_and_folder(run):
+  workdir, _ = run
+  c = tiny_config()
+  c.finetune.learning_rate = 0.5
+  with pytest.raises(ValueError) as e:
+    pipeline.train_and_evaluate(c, workdir)
+  msg = str(e.value)
+  assert "checkpoints/finetune was computed with finetune.learning_rate=0.0001, this run has 0.5" in msg
+  assert "delete" in msg and "\n" not in msg
+
+
+def test_new_method_reuses_original_and_gold(run, tmp_path, monkeypatch):
+  workdir, results = run
+  import shutil
+  wd = str(tmp_path / "copy")
+  shutil.copytree(workdir, wd)
+  real_run = train.Trainer.run
+  trained = []
+
+  def run_spy(self, params, recipe, rng, desc, **kw):
+    trained.append(desc)
+    return real_run(self, params, recipe, rng, desc, **kw)
+
+  monkeypatch.setattr(train.Trainer, "run", run_spy)
+  c = tiny_config()
+  c.methods = "delete,two_stage"
+  c.delete.epochs = 1
+  out = pipeline.train_and_evaluate(c, wd)
+  assert trained == ["delete"]  # Original, Gold and two-stage come from the workdir
+  assert out["models"]["two_stage"] == results["models"]["two_stage"]
+
+
+def test_a_method_gives_the_same_result_in_any_method_list(run, tmp_path):
+  _, results = run
+  c = tiny_config()
+  c.methods = "two_stage"
+  c.tsne.num_forget = c.tsne.num_retain = 0
+  alone = pipeline.train_and_evaluate(c, str(tmp_path))
+  keep = lambda r: {k: v for k, v in r.items() if "seconds" not in k}
+  assert keep(alone["models"]["two_stage"]) == keep(results["models"]["two_stage"])
+
+
 @pytest.mark.parametrize("field, value, message", [
-    ("methods", ("finetune", "forget_everything"), "config.methods: unknown method 'forget_everything'; allowed: finetune, gradient_ascent, two_stage"),
+    ("methods", "finetune,forget_everything", "config.methods: unknown method 'forget_everything'; allowed: finetune, gradient_ascent, two_stage, random_labels"),
+    ("methods", "finetune,finetune", "config.methods: lists a method twice"),
+    ("methods", ",", "config.methods: is empty"),
     ("forget_class", 10, "config.forget_class: 10 is out of range; allowed: 0..9"),
     ("forget_class", -1, "config.forget_class: -1 is out of range"),
-    ("batch_size", 0, "config.batch_size: must be a positive integer"),
-    ("train_epochs", -2, "config.train_epochs: must be a positive integer"),
-    ("unlearn_epochs", 0, "config.unlearn_epochs: must be a positive integer"),
+    ("batch_size", 0, "config.batch_size: must be an integer >= 1"),
+    ("train.epochs", -2, "config.train.epochs: must be an integer >= 1"),
+    ("finetune.epochs", 0, "config.finetune.epochs: must be an integer >= 1"),
     ("data.name", "mnist", "config.data.name: unknown data set 'mnist'; allowed: digits, cifar10, synthetic"),
     ("model.variant", "Ti/32", "config.model.variant: unknown variant"),
-    ("optimizer.learning_rate", 0.0, "config.optimizer.learning_rate: must be positive"),
-    ("two_stage.temperature", -1.0, "config.two_stage.temperature: must be positive"),
+    ("train.learning_rate", 0.0, "config.train.learning_rate: must be a finite number in (0, inf)"),
+    ("train.learning_rate", float("inf"), "config.train.learning_rate: must be a finite number"),
+    ("train.momentum", 1.0, "config.train.momentum: must be a finite number in [0, 1)"),
+    ("two_stage.temperature", -1.0, "config.two_stage.temperature: must be a finite number in (0, inf)"),
     ("compilation_cache", None, 'config.compilation_cache: must be a folder path or "" (off)'),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
@@ -126,12 +174,23 @@ def test_bad_config_fails_before_any_work(tmp_path, field, value, message):
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("method", ["salun", "scrub", "ssd", "fcs"])
+def test_method_settings_are_validated(tmp_path, method):
+  c = tiny_config()
+  c.methods = method
+  field = {"salun": "mask_fraction", "scrub": "temperature", "ssd": "alpha", "fcs": "temperature"}[method]
+  c[method][field] = -1.0
+  with pytest.raises(ValueError, match=f"config.{method}.{field}: must be a finite number"):
+    pipeline.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
 def test_runs_without_tsne(tmp_path):
   c = tiny_config()
-  c.train_epochs, c.methods = 1, ("gradient_ascent",)
+  c.train.epochs, c.methods = 1, "gradient_ascent"
   c.tsne.num_forget = c.tsne.num_retain = 0
   results = pipeline.train_and_evaluate(c, str(tmp_path))
-  assert set(results["models"]) == {"original", "gold", "gradient_ascent"}
+  assert set(results["models"]) == {"original", "retrain", "gradient_ascent"}
   assert not (tmp_path / "tsne.png").exists()
 
 
@@ -168,8 +227,8 @@ def test_concurrent_stages_match_sequential(run, tmp_path):
   sequential = pipeline.train_and_evaluate(c, str(tmp_path))
   for m in MODELS:
     a, b = concurrent["models"][m], sequential["models"][m]
-    assert {k: v for k, v in a.items() if k != "seconds"} == {
-        k: v for k, v in b.items() if k != "seconds"}, m
+    assert {k: v for k, v in a.items() if "seconds" not in k} == {
+        k: v for k, v in b.items() if "seconds" not in k}, m
     pa = checkpoints.restore(os.path.join(workdir, "checkpoints", m))[0]
     pb = checkpoints.restore(str(tmp_path / "checkpoints" / m))[0]
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
@@ -180,7 +239,7 @@ def test_failing_stage_stops_its_concurrent_sibling(tmp_path, monkeypatch):
   real_stage = pipeline._stage
 
   def stage(trainer, workdir, abstract, name, *args, **kwargs):
-    if name == "gold":
+    if name == "retrain":
       raise ValueError("gold failed")
     trainer.cancel.wait(timeout=60)  # make sure the failure comes first
     return real_stage(trainer, workdir, abstract, name, *args, **kwargs)
@@ -192,7 +251,7 @@ def test_failing_stage_stops_its_concurrent_sibling(tmp_path, monkeypatch):
 
 
 def _task(fn, deps=(), priority=0.0):
-  return pipeline._Task(fn, deps, priority)
+  return scheduler.Task(fn, deps, priority)
 
 
 def test_tasks_run_after_their_deps_highest_priority_first():
@@ -202,7 +261,7 @@ def test_tasks_run_after_their_deps_highest_priority_first():
   tasks["c"] = _task(tasks["c"].fn, deps=("a",), priority=9)  # high, but must wait for a
   tasks["a"] = _task(tasks["a"].fn, priority=1)
   tasks["b"] = _task(tasks["b"].fn, priority=5)
-  out = pipeline._run_tasks(tasks, 1, threading.Event())
+  out = scheduler.run_tasks(tasks, 1, threading.Event())
   assert order == ["b", "a", "c"]
   assert out == {"b": ("b", []), "a": ("a", ["b"]), "c": ("c", ["a", "b"])}
 
@@ -211,7 +270,7 @@ def test_tasks_run_at_once_on_several_workers():
   b_started = threading.Event()
   tasks = {"a": _task(lambda r, idle: b_started.wait(10) and idle),  # needs b running beside it
            "b": _task(lambda r, idle: b_started.set() or idle)}
-  assert pipeline._run_tasks(tasks, 2, threading.Event()) == {"a": 1, "b": 0}
+  assert scheduler.run_tasks(tasks, 2, threading.Event()) == {"a": 1, "b": 0}
 
 
 def test_failing_task_cancels_the_others_and_raises():
@@ -223,14 +282,14 @@ def test_failing_task_cancels_the_others_and_raises():
   tasks = {"slow": _task(lambda r, idle: cancel.wait(10)), "fail": _task(fail),
            "after": _task(lambda r, idle: pytest.fail("ran after a failure"), deps=("fail",))}
   with pytest.raises(ValueError, match="boom"):
-    pipeline._run_tasks(tasks, 2, cancel)
+    scheduler.run_tasks(tasks, 2, cancel)
   assert cancel.is_set()
   with pytest.raises(ValueError, match="wait on tasks that do not exist"):
-    pipeline._run_tasks({"a": _task(lambda r, idle: 1, deps=("x",))}, 2, threading.Event())
+    scheduler.run_tasks({"a": _task(lambda r, idle: 1, deps=("x",))}, 2, threading.Event())
 
 
 def test_progress_bars_take_the_lowest_free_line():
-  slots = pipeline._BarSlots()
+  slots = scheduler.BarSlots()
   with slots.take() as a, slots.take() as b:
     assert (a, b) == (0, 1)
     with slots.take() as c:
@@ -255,3 +314,37 @@ def test_compilation_cache_is_used_unless_jax_has_one(tmp_path):
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "XLA_FLAGS")}
   subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env, timeout=120)
   assert os.listdir(tmp_path / "cache")
+
+
+def _readme_commands():
+  """Every `python -m jaxunlearn.main ...` command in the README, continuation lines joined."""
+  import re
+  import shlex
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read().replace("\\\n", " ")
+  return [shlex.split(m.split("&&")[-1].split("#")[0])
+          for m in re.findall(r"^.*python -m jaxunlearn\.main .*$", text, flags=re.M)]
+
+
+@pytest.mark.parametrize("argv", _readme_commands(), ids=lambda a: " ".join(a[3:])[:60])
+def test_readme_commands_parse_and_validate(argv):
+  # As written in the README, plus --check_config (parse and validate, no run).
+  out = subprocess.run([sys.executable, *argv[1:], "--check_config"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "config ok" in out.stdout
+
+
+def test_cli_runs_a_comma_separated_method_list(tmp_path):
+  workdir = tmp_path / "w"
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxunlearn.main", "--config", os.path.join(ROOT, "configs/digits.py"),
+       "--workdir", str(workdir), "--config.methods=two_stage,ssd",
+       "--config.model.patch_size=4", "--config.model.hidden_size=16", "--config.model.depth=1",
+       "--config.model.num_heads=2", "--config.model.mlp_dim=32", "--config.train.epochs=2",
+       "--config.two_stage.epochs=1", "--config.tsne.num_forget=0", "--config.tsne.num_retain=0",
+       "--config.progress=false"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(workdir / "results.json") as f:
+    assert list(json.load(f)["models"]) == ["original", "retrain", "two_stage", "ssd"]
