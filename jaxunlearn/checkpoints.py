@@ -53,15 +53,17 @@ def restore(path: str, abstract_arrays=None, arrays_name: str = "params", inputs
   dtypes and placement; None restores as saved. With `inputs`, the record's
   inputs must equal them (`workdir.check_inputs`), else a one-line ValueError.
   """
+  if inputs is not None:
+    record = read_record(path, arrays_name)
+    if record is None:
+      return None
+    workdir.check_inputs(path, record.get("inputs"), inputs)
   if not os.path.isdir(path):
     return None
   with _LOCK, _manager(path, (arrays_name, "record")) as mngr:
     step = mngr.latest_step()
     if step is None:
       return None
-    if inputs is not None:
-      record = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
-      workdir.check_inputs(path, record.get("inputs"), inputs)
     out = mngr.restore(step, args=ocp.args.Composite(**{
         arrays_name: ocp.args.StandardRestore(abstract_arrays),
         "record": ocp.args.JsonRestore()}))

@@ -22,8 +22,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Seed of parameter initialisation, shuffling and t-SNE subset selection.
   c.seed = 42
-  # Class whose training examples form the forget set; all others form the retain set.
+  # Which training examples are forgotten: "class" (every example of `forget_class`)
+  # or "random" (a seeded, stratified `forget_fraction` of the training set).
+  c.scenario = "class"
+  # scenario "class": the class whose training examples form the forget set.
   c.forget_class = 0
+  # scenario "random": the forgotten fraction of the training set, stratified by class.
+  c.forget_fraction = 0.1
 
   c.data = ml_collections.ConfigDict()
   # Data set: "digits" (scikit-learn, offline), "cifar10" (tensorflow-datasets) or

@@ -139,6 +139,7 @@ class Context:
 class Stepper:
   """A compiled chunk of one phase (`Trainer.stepper`): call it to run `steps` more steps."""
   call: Callable[[], Any]  # returns the chunk's per-step metrics (on the device)
+  state: Callable[[], Any]  # the current (params, optimizer state)
   compile_seconds: float
   steps: int  # steps per call
   examples_per_step: int  # images through the model per step
@@ -338,11 +339,11 @@ class Trainer:
       opt_state.hyperparams.update(learning_rate=x["lr"], momentum=args["momentum"],
                                    weight_decay=args["weight_decay"])
       grads = _masked(grads, inputs.update_mask)
-      updates, new_opt = self.tx.update(grads, opt_state, params)
-      # Weight decay acts inside the update: mask it too, so nothing outside moves.
+      # Weight decay acts inside the update: decay only what may change, and mask the
+      # update too, so nothing outside the mask moves and its momentum stays 0.
+      updates, new_opt = self.tx.update(grads, opt_state, _masked(params, inputs.update_mask))
       updates = _masked(updates, inputs.update_mask)
       examples = sum(jnp.sum(m) for _, m in x["streams"].values())
-      finite = jnp.isfinite(loss)
       return (optax.apply_updates(params, updates), new_opt), dict(
           loss=loss, examples=examples, **aux)
 
@@ -482,7 +483,7 @@ class Trainer:
 
     call()  # compiles (timed apart) and warms up
     examples = self.batch_size * len(phase.streams)
-    return Stepper(call, self.compile_seconds() - before, num_steps, examples)
+    return Stepper(call, lambda: state[0], self.compile_seconds() - before, num_steps, examples)
 
   def _edit(self, edit, params, inputs, hp):
     ctx = self._context(jax.random.key(0), jnp.int32(0), jnp.int32(1), hp, inputs)

@@ -15,7 +15,8 @@ import tempfile
 import jax
 
 # Fields that decide every stage's result (besides the stage's own section).
-COMMON_FIELDS = ("seed", "forget_class", "batch_size", "data", "model")
+COMMON_FIELDS = ("seed", "scenario", "forget_class", "forget_fraction", "batch_size", "data",
+                 "model")
 
 
 def atomic_write(path: str, data: bytes | str) -> None:

@@ -102,3 +102,34 @@ def test_uniform_kl_step_moves_predictions_towards_uniform():
 
   assert mean_entropy(x @ W2) > mean_entropy(x @ W)
   assert np_kl_uniform(x @ W2) < np_kl_uniform(x @ W)
+
+
+def test_kl_to_target_matches_scipy_with_zero_targets():
+  from scipy.special import rel_entr
+  logits = _logits()
+  target = np_softmax(_logits().astype(np.float64), -1)
+  target[:, 3] = 0  # a zero target probability contributes nothing (DELETE's masked class)
+  target /= target.sum(-1, keepdims=True)
+  q = np_softmax(logits.astype(np.float64), -1)
+  want = np.sum(rel_entr(target, q)) / B
+  got = losses.kl_to_target(jnp.asarray(target, jnp.float32), logits, np.ones(B, np.float32))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert np.isfinite(got)
+
+
+def test_distill_kl_matches_repdistiller_formula():
+  # SCRUB's DistillKL: kl_div(log_softmax(s/T), softmax(t/T), sum) * T^2 / B.
+  s, t, T = _logits(), _logits(), 4.0
+  p_t = np_softmax(t.astype(np.float64) / T, -1)
+  want = np.sum(p_t * (np.log(p_t) - np_log_softmax(s.astype(np.float64) / T, -1))) * T ** 2 / B
+  got = losses.distill_kl(s, t, np.ones(B, np.float32), T)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  mask = (np.arange(B) < 4).astype(np.float32)  # padded rows count for nothing
+  want4 = np.sum((p_t * (np.log(p_t) - np_log_softmax(s.astype(np.float64) / T, -1)))[:4]) * T ** 2 / 4
+  np.testing.assert_allclose(losses.distill_kl(s, t, mask, T), want4, rtol=1e-5)
+
+
+def test_l1_norm_is_the_sum_of_absolute_values_over_all_leaves():
+  tree = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": {"c": rng.normal(size=5).astype(np.float32)}}
+  want = np.abs(tree["a"]).sum() + np.abs(tree["b"]["c"]).sum()
+  np.testing.assert_allclose(losses.l1_norm(tree), want, rtol=1e-6)

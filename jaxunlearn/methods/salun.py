@@ -34,12 +34,16 @@ def _forget_gradient(ctx, params, batch):
   return {}, jax.grad(neg_ce)(params)
 
 
+def saliency_mask(grads, fraction: float):
+  """1.0 on the int(N * fraction) entries of largest |grad| over all parameters, else 0.0."""
+  n = sum(g.size for g in jax.tree.leaves(grads))
+  return _top_k_mask(grads, jnp.int32(int(n * fraction)))  # k as the reference rounds it
+
+
 @jax.jit
-def saliency_mask(grads, fraction):
-  """1.0 on the floor(N * fraction) entries of largest |grad| over all parameters, else 0.0."""
+def _top_k_mask(grads, k):
   leaves, treedef = jax.tree.flatten(grads)
   flat = jnp.concatenate([jnp.abs(g).ravel() for g in leaves])
-  k = jnp.floor(flat.size * fraction).astype(jnp.int32)
   rank = jnp.zeros(flat.size, jnp.int32).at[jnp.argsort(-flat, stable=True)].set(
       jnp.arange(flat.size, dtype=jnp.int32))
   keep = (rank < k).astype(jnp.float32)
@@ -53,7 +57,7 @@ def saliency_mask(grads, fraction):
 def recipe(s):
   def prepare(trainer, params):
     _, grads = trainer.sweep(_forget_gradient, params, "forget")
-    return train.Inputs(update_mask=saliency_mask(grads, jnp.float32(s.mask_fraction)))
+    return train.Inputs(update_mask=saliency_mask(grads, s.mask_fraction))
   return train.Recipe(random_labels.phases(s), prepare=prepare)
 
 
