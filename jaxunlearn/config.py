@@ -20,13 +20,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Seed of parameter initialisation, shuffling and t-SNE subset selection.
+  # Seed of parameter initialisation, shuffling, the random forget subset and t-SNE
+  # subset selection (a single run, in the workdir itself).
   c.seed = 42
+  # Several runs, one per seed, each in workdir/seed_<n>, summarised as mean ± sd:
+  # comma-separated seeds ("0,1,2") or a count ("5" = seeds 0..4). "" runs `seed` alone.
+  c.seeds = ""
   # Which training examples are forgotten: "class" (every example of `forget_class`)
   # or "random" (a seeded, stratified `forget_fraction` of the training set).
   c.scenario = "class"
-  # scenario "class": the class whose training examples form the forget set.
-  c.forget_class = 0
+  # scenario "class": the class(es) whose training examples form the forget set ("0", "0,3").
+  c.forget_class = "0"
   # scenario "random": the forgotten fraction of the training set, stratified by class.
   c.forget_fraction = 0.1
 
@@ -133,6 +137,15 @@ def names(value) -> tuple[str, ...]:
   return tuple(value)
 
 
+def seed_list(c) -> tuple[int, ...] | None:
+  """The seeds of a multi-seed run, or None for a single run of `seed`."""
+  parts = names(c.seeds)
+  if not parts:
+    return None
+  values = tuple(int(p) for p in parts)
+  return tuple(range(values[0])) if len(values) == 1 else values
+
+
 def method_names(c) -> tuple[str, ...]:
   from jaxunlearn.methods import METHODS
   m = names(c.methods)
@@ -176,8 +189,34 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.name not in datasets.NUM_CLASSES:
     _fail("data.name", f"unknown data set {c.data.name!r}; allowed: {', '.join(datasets.NUM_CLASSES)}")
   num_classes = datasets.NUM_CLASSES[c.data.name]
-  if not 0 <= c.forget_class < num_classes:
-    _fail("forget_class", f"{c.forget_class} is out of range; allowed: 0..{num_classes - 1} for {c.data.name}")
+  check_int(c, "seed", 0)
+  if c.seed >= 2 ** 31:
+    _fail("seed", f"must be below 2**31, got {c.seed}")
+  if not isinstance(c.seeds, str):
+    _fail("seeds", f"must be a comma-separated string of seeds or a count, got {c.seeds!r}")
+  try:
+    seeds = seed_list(c)
+  except ValueError:
+    _fail("seeds", f"must be comma-separated integers (\"0,1,2\") or a count (\"5\"), got {c.seeds!r}")
+  if seeds is not None:
+    if not seeds or any(not 0 <= s < 2 ** 31 for s in seeds) or len(set(seeds)) != len(seeds):
+      _fail("seeds", f"must name distinct seeds in [0, 2**31) or a count >= 1, got {c.seeds!r}")
+  if c.scenario not in ("class", "random"):
+    _fail("scenario", f"unknown scenario {c.scenario!r}; allowed: class, random")
+  if c.scenario == "class":
+    try:
+      classes = [int(v) for v in names(str(c.forget_class))]
+    except ValueError:
+      _fail("forget_class", f"must be class numbers, e.g. \"3\" or \"0,3\"; got {c.forget_class!r}")
+    if not classes:
+      _fail("forget_class", "is empty; name at least one class")
+    for k in classes:
+      if not 0 <= k < num_classes:
+        _fail("forget_class", f"{k} is out of range; allowed: 0..{num_classes - 1} for {c.data.name}")
+    if len(set(classes)) == num_classes:
+      _fail("forget_class", f"forgets every class of {c.data.name}; leave at least one")
+  else:
+    check_float(c, "forget_fraction", 0, 1, open_low=True)
   if not isinstance(c.methods, str):
     _fail("methods", f"must be a comma-separated string, got {c.methods!r}")
   methods = method_names(c)

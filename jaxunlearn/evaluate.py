@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn import metrics
+from jaxunlearn import metrics, privacy
 
 
 @jax.jit
@@ -50,3 +50,60 @@ def tsne_indices(forget_N: np.ndarray, *, batch_size: int, num_retain: int, num_
     if f >= num_forget and min(end, len(order)) - f >= num_retain:
       break
   return order[:end]
+
+
+# Metrics that need a forget set inside the test set: omitted in random-subset forgetting.
+FORGET_TEST_METRICS = ("forget_test_acc", "entropy_forget_test", "jsd_gold_forget_test")
+
+
+def privacy_metrics(forget_train_N, forget_test_M, train_probs_NxC, train_labels_N,
+                    test_probs_MxC, test_labels_M, train_feats_NxD, test_feats_MxD,
+                    *, seed: int) -> dict[str, float]:
+  """MIA-efficacy, loss-MIA (+ indiscernibility) and linear-probe forget accuracy of one model.
+
+  Non-members are test examples. MIA-efficacy (Unlearn-Sparse): members = the first
+  len(non-members) retain-train examples, non-members = the test set without the
+  forgotten classes, targets = the forget set. Loss-MIA (deepunlearn): the forget set
+  against the test examples of its classes (class-wise) or the whole test set
+  (random subset), so Gold scores ~50%. Probe: fit on the frozen features of every
+  training example (class-wise; scored on the forgotten classes' test examples) or of
+  the retain set (random subset; scored on the forget set).
+  """
+  class_wise = bool(np.any(forget_test_M))
+  train_conf = privacy.true_label_confidence(train_probs_NxC, train_labels_N)
+  test_conf = privacy.true_label_confidence(test_probs_MxC, test_labels_M)
+  nonmember = test_conf[~forget_test_M]
+  member = train_conf[~forget_train_N][:len(nonmember)]
+  out = {"mia_efficacy": privacy.mia_efficacy(member, nonmember, train_conf[forget_train_N])}
+  losses_N = -np.log(np.maximum(train_conf, 1e-30))
+  losses_M = -np.log(np.maximum(test_conf, 1e-30))
+  out["loss_mia"], out["indiscernibility"] = privacy.loss_mia(
+      losses_N[forget_train_N], losses_M[forget_test_M] if class_wise else losses_M, seed=seed)
+  if class_wise:
+    out["probe_forget_acc"] = privacy.linear_probe_accuracy(
+        train_feats_NxD, train_labels_N, test_feats_MxD[forget_test_M], test_labels_M[forget_test_M])
+  else:
+    out["probe_forget_acc"] = privacy.linear_probe_accuracy(
+        train_feats_NxD[~forget_train_N], train_labels_N[~forget_train_N],
+        train_feats_NxD[forget_train_N], train_labels_N[forget_train_N])
+  return out
+
+
+# Gaps to Gold: |method - Gold| of these (UA = 100 - forget accuracy, so its gap is
+# the forget accuracy's); avg gap is their mean (SalUn's "Avg. Gap").
+GAP_METRICS = ("forget_train_acc", "retain_train_acc", "retain_test_acc", "mia_efficacy")
+
+
+def gaps_to_gold(model: dict, gold: dict) -> dict[str, float]:
+  """Per-metric gaps, avg gap, ToW and run-time efficiency of one model against Gold.
+
+  ToW (RUM): (1 - |dFA|/100)(1 - |dRA|/100)(1 - |dTA|/100) with FA the forget-train,
+  RA the retain-train and TA the test accuracy without the forgotten classes
+  (retain_test_acc); 1 is Gold. RTE (deepunlearn): Gold's run time / the model's.
+  """
+  gaps = {f"gap_{k}": abs(model[k] - gold[k]) for k in GAP_METRICS}
+  tow = 1.0
+  for k in ("forget_train_acc", "retain_train_acc", "retain_test_acc"):
+    tow *= 1 - abs(model[k] - gold[k]) / 100
+  return dict(gaps, avg_gap=float(np.mean(list(gaps.values()))), tow=tow,
+              rte=gold["seconds"] / max(model["seconds"], 1e-9))

@@ -76,7 +76,7 @@ def _workers(config) -> int:
   return 1
 
 
-def _evaluate(trainer, workdir, name, params, scenario, gold_test_probs, tsne_idx, inputs):
+def _evaluate(trainer, workdir, name, params, scenario, gold_test_probs, tsne_idx, inputs, seed):
   """Metrics of one model (checkpointed in workdir/eval), its test probabilities and t-SNE features."""
   path = os.path.join(workdir, "eval", name)
   restored = checkpoints.restore(path, arrays_name="outputs", inputs=inputs)
@@ -86,13 +86,18 @@ def _evaluate(trainer, workdir, name, params, scenario, gold_test_probs, tsne_id
     return (record["metrics"], np.asarray(outputs["test_probs"]),
             None if feats is None else np.asarray(feats))
   train_probs, train_feats = trainer.predict(params, "train")
-  test_probs, _ = trainer.predict(params, "test")
+  test_probs, test_feats = trainer.predict(params, "test")
   # Host arrays, as restored ones are, so `summarize` compiles once for all models.
   test_probs = np.asarray(test_probs)
   gold = test_probs if gold_test_probs is None else np.asarray(gold_test_probs)
   summary = evaluate.summarize(train_probs, trainer.train[1], test_probs, trainer.test[1],
                                gold, scenario.forget_train, scenario.forget_test)
-  summary = {k: float(v) for k, v in jax.device_get(summary).items()}
+  summary = {k: float(v) for k, v in jax.device_get(summary).items()
+             if scenario.forget_test.any() or k not in evaluate.FORGET_TEST_METRICS}
+  train_labels, test_labels = np.asarray(trainer.train[1]), np.asarray(trainer.test[1])
+  summary.update(evaluate.privacy_metrics(
+      scenario.forget_train, scenario.forget_test, np.asarray(train_probs), train_labels,
+      test_probs, test_labels, np.asarray(train_feats), np.asarray(test_feats), seed=seed))
   outputs = {"test_probs": test_probs}
   if len(tsne_idx):  # orbax cannot save an empty array
     outputs["tsne_features"] = np.asarray(train_feats)[tsne_idx]
@@ -133,12 +138,42 @@ def use_compilation_cache(path: str) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the whole study; returns the results dict also written to results.json."""
+  """Runs the study, once or once per seed; returns the results also written to results.json.
+
+  With `config.seeds`, each seed runs into workdir/seed_<n> (a finished seed is
+  reused) and the workdir gets the summary: mean ± sd per model and metric, every
+  seed's tables, and the trade-off figure.
+  """
+  config_lib.validate(config)
+  seeds = config_lib.seed_list(config)
+  if seeds is None:
+    return run_once(config, workdir)
+  # Check data and weights once, before anything is written.
+  data = datasets.load(config.data)
+  scenario_lib.from_config(config, data)
+  build_model(config, data, jax.random.key(0))
+  config_dict = workdir_lib.prepare(config, workdir)
+  per_seed, names = {}, {}
+  for s in seeds:
+    c = config.copy_and_resolve_references()
+    c.seed, c.seeds = s, ""
+    print(f"=== seed {s} ({len(per_seed) + 1}/{len(seeds)})", flush=True)
+    out = run_once(c, os.path.join(workdir, f"seed_{s}"), data=data)
+    per_seed[s], names = out["models"], out["names"]
+  figures = {"tradeoff.png": report.tradeoff_figure(per_seed, names)}
+  if jax.process_index() == 0:
+    print(report.write_seeds(workdir, config_dict, per_seed, names, figures))
+  mean, std = report.aggregate(per_seed)
+  return {"config": config_dict, "seeds": per_seed, "mean": mean, "std": std, "names": names}
+
+
+def run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
+  """One run of the study with `config.seed`: every stage, evaluation, table and figure."""
   config_lib.validate(config)
   use_compilation_cache(config.compilation_cache)
   if config.distributed and not jax.distributed.is_initialized():
     jax.distributed.initialize()
-  data = datasets.load(config.data)
+  data = data if data is not None else datasets.load(config.data)
   scene = scenario_lib.from_config(config, data)
   key = jax.random.key(config.seed)
   vit, init_params = build_model(config, data, jax.random.fold_in(key, 0))
@@ -205,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def fn(results, idle):
       gold = None if name == "retrain" else results["eval/retrain"][1]
       return _evaluate(trainer, workdir, name, results[name][0], scene, gold, tsne_idx,
-                       inputs[f"eval/{name}"])
+                       inputs[f"eval/{name}"], config.seed)
     return scheduler.Task(fn, deps=(name,) if name == "retrain" else (name, "eval/retrain"),
                           priority=-1)
 
@@ -231,10 +266,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     record = done[name][1]
     results[name] = dict(done[f"eval/{name}"][0], seconds=record["seconds"],
                          compile_seconds=record["compile_seconds"])
-  png = None
+  for name in models:
+    results[name].update(evaluate.gaps_to_gold(results[name], results["retrain"]))
+  figures = {"loss_curves.png": report.loss_figure({m: done[m][1]["loss"] for m in models}, names)}
   if len(tsne_idx):
-    png = report.tsne_figure({m: done[f"tsne/{m}"] for m in models},
-                             scene.forget_train[tsne_idx], names)
+    figures["tsne.png"] = report.tsne_figure({m: done[f"tsne/{m}"] for m in models},
+                                             scene.forget_train[tsne_idx], names)
   if jax.process_index() == 0:
-    print(report.write(workdir, config_dict, results, names, png))
-  return {"config": config_dict, "models": results}
+    print(report.write(workdir, config_dict, results, names, figures))
+  return {"config": config_dict, "models": results, "names": names}

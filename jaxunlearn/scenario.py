@@ -42,7 +42,7 @@ class Scenario:
 def forget_classes(config) -> tuple[int, ...]:
   """`config.forget_class` ("3" or "0,3") as a tuple of ints."""
   from jaxunlearn import config as config_lib
-  return tuple(int(v) for v in config_lib.names(str(config.forget_class)))
+  return tuple(sorted({int(v) for v in config_lib.names(str(config.forget_class))}))
 
 
 def from_config(config, data: datasets.Dataset) -> Scenario:
@@ -57,7 +57,7 @@ def from_config(config, data: datasets.Dataset) -> Scenario:
     return Scenario("random", (), forget_train, np.zeros(len(data.test_labels), bool))
   classes = forget_classes(config)
   forget_train = np.isin(data.train_labels, classes)
-  if forget_train.all():
-    raise ValueError(f"config.forget_class: {config.forget_class} forgets every class of "
-                     f"{config.data.name}; leave at least one")
+  if not forget_train.any() or forget_train.all():
+    raise ValueError(f"config.forget_class: {config.forget_class} leaves an empty forget or retain "
+                     f"set in {config.data.name}; choose other classes")
   return Scenario("class", classes, forget_train, np.isin(data.test_labels, classes))
