@@ -77,8 +77,10 @@ def privacy_metrics(forget_train_N, forget_test_M, train_probs_NxC, train_labels
   out = {"mia_efficacy": privacy.mia_efficacy(member, nonmember, train_conf[forget_train_N])}
   losses_N = -np.log(np.maximum(train_conf, 1e-30))
   losses_M = -np.log(np.maximum(test_conf, 1e-30))
-  out["loss_mia"], out["indiscernibility"] = privacy.loss_mia(
-      losses_N[forget_train_N], losses_M[forget_test_M] if class_wise else losses_M, seed=seed)
+  mia = privacy.loss_mia(losses_N[forget_train_N],
+                         losses_M[forget_test_M] if class_wise else losses_M, seed=seed)
+  if mia is not None:  # too few examples: omitted, not faked
+    out["loss_mia"], out["indiscernibility"] = mia
   if class_wise:
     out["probe_forget_acc"] = privacy.linear_probe_accuracy(
         train_feats_NxD, train_labels_N, test_feats_MxD[forget_test_M], test_labels_M[forget_test_M])

@@ -30,23 +30,30 @@ def mia_efficacy(member_conf: np.ndarray, nonmember_conf: np.ndarray,
   return float(100 * np.mean(clf.predict(np.asarray(target_conf, np.float64)[:, None]) == 0))
 
 
+MIN_LOSS_MIA = 4  # examples per side
+
+
 def loss_mia(forget_losses: np.ndarray, nonmember_losses: np.ndarray, seed: int,
-             splits: int = 10) -> tuple[float, float]:
+             splits: int = 10) -> tuple[float, float] | None:
   """Loss-based membership inference (deepunlearn `evaluation/membership_inference_attack.py`).
 
   Both sets shuffled (seeded) and cut to the smaller size; logistic regression on
   the per-example loss, forget (1) vs non-member (0); mean accuracy over a
   stratified shuffle split (10 splits, 10% held out). Returns (accuracy in
-  percent, indiscernibility = 1 - |acc - 0.5| / 0.5): 50% and 1 are ideal.
+  percent, indiscernibility = 1 - |acc - 0.5| / 0.5): 50% and 1 are ideal; None
+  when either set has fewer than `MIN_LOSS_MIA` examples (no meaningful split).
+  With fewer than 10 pairs the held-out share grows so each split tests one pair.
   """
   from sklearn.linear_model import LogisticRegression
   from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score
   r = np.random.default_rng(seed)
   f, n = r.permutation(np.asarray(forget_losses)), r.permutation(np.asarray(nonmember_losses))
   m = min(len(f), len(n))
+  if m < MIN_LOSS_MIA:
+    return None
   x = np.r_[f[:m], n[:m]].astype(np.float64)[:, None]
   y = np.r_[np.ones(m), np.zeros(m)]
-  cv = StratifiedShuffleSplit(n_splits=splits, test_size=0.1, random_state=seed)
+  cv = StratifiedShuffleSplit(n_splits=splits, test_size=max(0.1, 1 / m), random_state=seed)
   acc = float(np.mean(cross_val_score(LogisticRegression(), x, y, cv=cv, scoring="accuracy")))
   return 100 * acc, 1 - abs(acc - 0.5) / 0.5
 

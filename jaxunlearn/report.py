@@ -184,7 +184,7 @@ def write(workdir: str, config_dict: dict, models: dict[str, dict], names: dict[
   """Writes results.json, results.md, results.csv and the figures; returns the Markdown tables."""
   tables = (markdown_table(models, names) + "\n" + markdown_table(models, names, FIELD_COLUMNS))
   atomic_write(os.path.join(workdir, "results.json"),
-               json.dumps({"config": config_dict, "models": models}, indent=2))
+               json.dumps({"config": config_dict, "models": models, "names": names}, indent=2))
   atomic_write(os.path.join(workdir, "results.csv"), csv_table(models))
   atomic_write(os.path.join(workdir, "results.md"), "# Unlearning results\n\n" + tables)
   for name, png in figures.items():
@@ -222,7 +222,7 @@ def write_seeds(workdir: str, config_dict: dict, per_seed: dict[int, dict[str, d
               markdown_table(models, names, FIELD_COLUMNS)]
   atomic_write(os.path.join(workdir, "results.json"), json.dumps(
       {"config": config_dict, "seeds": {str(s): r for s, r in per_seed.items()},
-       "mean": mean, "std": std}, indent=2))
+       "mean": mean, "std": std, "names": names}, indent=2))
   out = io.StringIO()
   w = csv.writer(out)
   w.writerow(["seed", "model", "metric", "value"])

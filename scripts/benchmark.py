@@ -3,8 +3,9 @@
   python scripts/benchmark.py --model ti16 --batch_sizes 8,64 --dtype float32
   python scripts/benchmark.py --model digits --batch_sizes 64 --methods two_stage,scrub
   python scripts/benchmark.py --configs ti16:8,digits:64 --omp_wait_policy PASSIVE
-  python scripts/benchmark.py --configs ti16:64 --methods none --no-torch --gemms  # GEMMs alone
-  python scripts/benchmark.py --quick          # 1-block digits ViT, batch 8, a few steps (the test)
+  python scripts/benchmark.py --configs ti16:64 --jax_steps eval --methods none --no-torch --gemms
+  python scripts/benchmark.py --quick   # 1-block digits ViT, batch 8, 2 steps per call: the test
+                                        # (~40-60 s on the 2-core CPU, nearly all compiling)
 
 For each (model, batch size, dtype) it measures, on JAX's default backend and only
 through `train.Trainer`'s public API, so what is timed is what the pipeline runs:
@@ -16,7 +17,9 @@ through `train.Trainer`'s public API, so what is timed is what the pipeline runs
     where it has one; whole calls, row `<method>/prepare`), then one
     `Trainer.stepper` per distinct step of the recipe (objective and streams; row
     `<method>/<objective>`). A method without phases (SSD) is timed as whole
-    `Trainer.run` calls instead (its prepare sweeps and its edit; row `<method>/run`);
+    `Trainer.run` calls instead (its prepare sweeps and its edit; row `<method>/run`).
+    All the methods' rows are compiled and called once first (`--compile_threads`
+    at a time), then each is timed alone, `--method_steps` steps (whole calls);
   * evaluation: whole `Trainer.predict` calls over the test set (a `lax.map` over batches);
   * the same CE train step written the straightforward PyTorch way: transformers'
     `ViTForImageClassification`, eager (sdpa and eager attention, the faster
@@ -38,9 +41,10 @@ forward passes' worth per trained image and 1 per evaluated one. Prepare sweeps
 and SSD's run have no such count, and no steps: they report ms per call only.
 
 Compile seconds: a stepper's `compile_seconds`, a prepare or run row's change of
-`Trainer.compile_seconds()` over its first call. A step whose function an earlier
-row compiled (same objective, stream names and input shapes; e.g. fine-tuning's
-CE step is the Original's) reuses that compile and says so (`compiled_by`).
+`Trainer.compile_seconds()` over its first call (with --compile_threads > 1 they
+include waiting for the CPU). A step whose function an earlier row compiled (same
+objective, stream names and input shapes; e.g. fine-tuning's CE step is the
+Original's) reuses that compile and says so (`compiled_by`).
 Evaluation's jit is not on the Trainer's clock: its compile time is estimated as
 its first call minus its median call.
 
@@ -55,6 +59,7 @@ Writes `--out` (JSON) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import importlib.util
 import json
@@ -218,43 +223,89 @@ def _stepper(trainer: train.Trainer, phase: train.Phase, params, inputs,
                        steps_per_call=stepper.steps)
 
 
-def _time_whole_calls(trainer: train.Trainer, call: Callable[[], Any], num_calls: int) -> dict:
-  """First call (compiles) and `num_calls` more, of a call without steps (prepare, run)."""
+def _parallel(fn: Callable, items: list, threads: int) -> list:
+  """[fn(x) for x in items], `threads` at a time (XLA releases the GIL while it compiles)."""
+  if threads <= 1:
+    return [fn(x) for x in items]
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    return list(pool.map(fn, items))
+
+
+class _Row:
+  """A row ready to time: compiled, and called once."""
+
+  def __init__(self, call: Callable[[], Any], info: dict, steps: int = 0,
+               examples_per_step: int = 0):
+    self.call = call  # one timed call
+    self.info = info
+    self.steps = steps  # per call; 0: a call without steps (a prepare sweep, a whole run)
+    self.examples_per_step = examples_per_step
+
+
+def _first_call(trainer: train.Trainer, call: Callable[[], Any]) -> tuple[Any, dict]:
+  """A call's first run (it compiles): its result, wall time and this thread's compile time."""
   compile_before = trainer.compile_seconds()
-  first_call_s = _time_calls(call, 1, jax.block_until_ready)[0]
-  compile_s = trainer.compile_seconds() - compile_before
-  times = _time_calls(call, num_calls, jax.block_until_ready)
-  return dict(compile_s=compile_s, first_call_s=first_call_s,
-              ms_per_call=1e3 * statistics.median(times), ms_per_call_min=1e3 * min(times),
-              call_times_s=times)
+  t0 = time.perf_counter()
+  result = jax.block_until_ready(call())
+  first_call_s = time.perf_counter() - t0
+  return result, dict(kind="call", compile_s=trainer.compile_seconds() - compile_before,
+                      first_call_s=first_call_s)
 
 
-def time_method(trainer: train.Trainer, name: str, section, params, num_calls: int,
-                compiled_by: dict) -> dict[str, dict]:
-  """Rows of one method: its prepare sweep, one row per distinct step (or its whole run)."""
+def _prepare_method(trainer: train.Trainer, name: str, section, params):
+  """A method's recipe, its inputs, and its prepare and run rows."""
   recipe = METHODS[name].recipe(section)
   rows = {}
-  if recipe.prepare is not None:
-    inputs = None
-    def prepare():
-      nonlocal inputs
-      inputs = trainer.prepare(recipe, params)
-      return inputs
-    rows[f"{name}/prepare"] = dict(kind="call", **_time_whole_calls(trainer, prepare, num_calls))
+  if recipe.prepare is None:
+    inputs = trainer.prepare(recipe, params)  # empty
   else:
-    inputs = trainer.prepare(recipe, params)
+    prepare = lambda: trainer.prepare(recipe, params)
+    inputs, info = _first_call(trainer, prepare)
+    rows[f"{name}/prepare"] = _Row(prepare, info)
   if not recipe.phases:  # nothing to step through (SSD): time the whole stage
     run = lambda: trainer.run(params, recipe, jax.random.key(0), name)[0]
-    rows[f"{name}/run"] = dict(kind="call", **_time_whole_calls(trainer, run, num_calls))
-    return rows
-  phases = _step_kinds(recipe)
-  for row, phase in zip(_row_names(name, phases), phases):
-    print(f"  jax {row} ...", flush=True)
-    stepper, rows[row] = _stepper(trainer, phase, params, inputs, warmup=0)
-    times = _time_calls(stepper, num_calls, jax.block_until_ready)
-    rows[row].update(_rates(times, stepper.steps, stepper.examples_per_step),
-                     compiled_by=compiled_by.setdefault(_compile_key(phase, inputs), row))
-  return rows
+    rows[f"{name}/run"] = _Row(run, _first_call(trainer, run)[1])
+  return recipe, inputs, rows
+
+
+def time_methods(trainer: train.Trainer, names: list[str], base, params, num_calls: int,
+                 threads: int, compiled_by: dict) -> dict[str, dict]:
+  """Rows of the methods: prepare sweeps, one row per distinct step (or a whole run).
+
+  Everything is compiled and called once first, `threads` rows at a time; then
+  each row is timed alone, in turn. Rows whose step an earlier row compiles are
+  built after the others, so that each compile is timed in the row that did it.
+  """
+  print(f"  jax {', '.join(names)}: prepare ...", flush=True)
+  prepared = _parallel(lambda n: _prepare_method(trainer, n, base[n], params), names, threads)
+  rows, waves = {}, ([], [])
+  for name, (recipe, inputs, call_rows) in zip(names, prepared):
+    rows.update(call_rows)
+    phases = _step_kinds(recipe)
+    for row, phase in zip(_row_names(name, phases), phases):
+      rows[row] = None  # keeps the order: the method's rows together
+      owner = compiled_by.setdefault(_compile_key(phase, inputs), row)
+      waves[owner != row].append((row, phase, inputs, owner))
+
+  def build(item):
+    row, phase, inputs, owner = item
+    print(f"  jax {row}: compile ...", flush=True)
+    stepper, info = _stepper(trainer, phase, params, inputs, warmup=0)
+    return row, _Row(stepper, dict(info, compiled_by=owner), stepper.steps,
+                     stepper.examples_per_step)
+
+  for wave in waves:
+    rows.update(_parallel(build, wave, threads))
+  out = {}
+  for name, r in rows.items():
+    print(f"  jax {name} ...", flush=True)
+    times = _time_calls(r.call, num_calls, jax.block_until_ready)
+    if r.steps:
+      out[name] = dict(r.info, **_rates(times, r.steps, r.examples_per_step))
+    else:
+      out[name] = dict(r.info, ms_per_call=1e3 * statistics.median(times),
+                       ms_per_call_min=1e3 * min(times), call_times_s=times)
+  return out
 
 
 def time_eval(trainer: train.Trainer, params, num_calls: int, warmup: int) -> dict:
@@ -278,8 +329,9 @@ class TorchCEStep:
   """The CE train step written the straightforward PyTorch way; a call runs K steps.
 
   forward (transformers ViTForImageClassification) + CE + backward + SGD with the
-  Original's settings, from the same uint8 images resized and normalised in the step. `spec` is plain
-  JSON so the torch.compile variant can run in a subprocess with a timeout.
+  Original's settings, from the same uint8 images resized and normalised in the
+  step. `spec` is plain JSON so the torch.compile variant can run in a subprocess
+  with a timeout.
   """
 
   def __init__(self, spec: dict):
@@ -512,9 +564,9 @@ def benchmark_config(spec: dict, batch_size: int, dtype: str, args, peak: dict) 
         torch_result["compile"] = _torch_compiled_in_subprocess(
             dict(torch_spec, attn=best, compile=True), args.torch_compile_timeout)
 
-  for name in args.methods:
-    print(f"  jax {name} ...", flush=True)
-    jax_results.update(time_method(trainer, name, base[name], params, method_calls, compiled_by))
+  if args.methods:
+    jax_results.update(time_methods(trainer, args.methods, base, params, method_calls,
+                                    args.compile_threads, compiled_by))
 
   if "eval" in args.jax_steps:
     print("  jax eval ...", flush=True)
@@ -624,6 +676,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="measured steps of the CE step (against PyTorch) and of evaluation")
   p.add_argument("--method_steps", type=int, default=10,
                  help="measured steps of each method's step (whole calls: at least one)")
+  p.add_argument("--compile_threads", type=int, default=1,
+                 help="methods' rows compiled (and first called) this many at a time, then "
+                      "timed one by one. More is faster, but compile seconds then include "
+                      "waiting for the CPU, and a GPU's autotuning shares the device")
   p.add_argument("--warmup", type=int, default=1,
                  help="untimed calls after the first (CE step, PyTorch, evaluation)")
   p.add_argument("--steps_per_chunk", type=int, default=5, help="steps per compiled call")
@@ -658,6 +714,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   if args.quick:  # a smoke test: its numbers mean little
     args.model, args.batch_sizes, args.depth, args.steps_per_chunk = "digits", "8", 1, 2
     args.steps, args.method_steps, args.warmup, args.matmul_size = 4, 2, 0, 256
+    args.compile_threads = 2
     args.torch_compile, args.torch_attn, args.torch_threads = False, "sdpa", 1
   if args.configs:
     pairs = [c.split(":") for c in args.configs.split(",")]
@@ -683,8 +740,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   for m in args.methods:
     if m not in METHODS:
       p.error(f"--methods: unknown method {m!r}; allowed: {', '.join(METHODS)}, all, none")
-  if args.steps < 1 or args.method_steps < 1 or args.steps_per_chunk < 1 or args.depth < 0:
-    p.error("--steps, --method_steps and --steps_per_chunk must be >= 1, --depth >= 0")
+  if min(args.steps, args.method_steps, args.steps_per_chunk, args.compile_threads) < 1:
+    p.error("--steps, --method_steps, --steps_per_chunk and --compile_threads must be >= 1")
+  if args.depth < 0:
+    p.error(f"--depth: must be >= 0, got {args.depth}")
   return args
 
 

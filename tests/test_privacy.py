@@ -119,3 +119,9 @@ def test_aggregate_is_mean_and_sample_sd_per_model_and_metric():
   assert std["a"]["y"] == 0.0
   mean, std = report.aggregate({0: {"a": {"x": 1.0}}})
   assert mean["a"]["x"] == 1.0 and std["a"]["x"] is None
+
+
+def test_loss_mia_on_tiny_sets_is_omitted_or_still_splits():
+  assert privacy.loss_mia(np.ones(3), np.zeros(50), seed=0) is None
+  acc, _ = privacy.loss_mia(rng.uniform(0, 0.1, 6), rng.uniform(5, 6, 6), seed=0)
+  assert acc == 100.0
