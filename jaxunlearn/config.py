@@ -120,9 +120,19 @@ def get_base_config() -> ml_collections.ConfigDict:
   # effect when set before the process's first compilation (the CLI does).
   c.compilation_cache = os.path.join(
       os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxunlearn", "xla")
-  # Call jax.distributed.initialize() first (multi-host runs: one process per host,
-  # coordinator from the environment, e.g. on Cloud TPU or under SLURM).
+  # Multi-host runs: one process per host, each started with distributed=True.
+  # The cluster comes from the fields below, else from the environment
+  # (JAXUNLEARN_COORDINATOR_ADDRESS, JAXUNLEARN_NUM_PROCESSES, JAXUNLEARN_PROCESS_ID), else
+  # from what jax.distributed.initialize() detects itself (Cloud TPU, SLURM, ...).
   c.distributed = False
+  c.cluster = ml_collections.ConfigDict(dict(
+      coordinator_address="",  # host:port of process 0's coordinator service
+      num_processes=0,  # processes in the run (0: from the environment)
+      process_id=-1,  # this process's index (-1: from the environment)
+      # Seconds a process waits for the others (start-up; a lost peer) before it
+      # stops with an error instead of hanging.
+      timeout_seconds=120,
+  ))
   return c
 
 

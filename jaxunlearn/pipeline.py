@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxunlearn import checkpoints, config as config_lib, datasets, evaluate, methods
+from jaxunlearn import checkpoints, config as config_lib, datasets, distributed, evaluate, methods
 from jaxunlearn import model as model_lib, report, scenario as scenario_lib, scheduler, train
 from jaxunlearn import workdir as workdir_lib
 
@@ -171,8 +171,8 @@ def run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict
   """One run of the study with `config.seed`: every stage, evaluation, table and figure."""
   config_lib.validate(config)
   use_compilation_cache(config.compilation_cache)
-  if config.distributed and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  if config.distributed:
+    distributed.initialize(config.cluster)
   data = data if data is not None else datasets.load(config.data)
   scene = scenario_lib.from_config(config, data)
   key = jax.random.key(config.seed)
