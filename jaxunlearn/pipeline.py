@@ -148,6 +148,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   seeds = config_lib.seed_list(config)
   if seeds is None:
     return run_once(config, workdir)
+  use_compilation_cache(config.compilation_cache)
+  if config.distributed:
+    distributed.initialize(config.cluster)
   # Check data and weights once, before anything is written.
   data = datasets.load(config.data)
   scenario_lib.from_config(config, data)
