@@ -6,8 +6,10 @@ with a one-line error that names it and what is allowed.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
 
 import jax.numpy as jnp
 import ml_collections
@@ -49,7 +51,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # cifar10 only: prepare the data set when it is missing (needs TensorFlow + network).
   c.data.prepare = False
 
-  # synthetic only: sizes of the random data set (CIFAR-10's by default).
+  # synthetic only: sizes of the random data set (CIFAR-10's by default): training and
+  # test images (at least 2 and 1: a forget and a retain example), pixels per side.
   c.data.synthetic = ml_collections.ConfigDict(dict(num_train=50_000, num_test=10_000, image_size=32))
 
   c.model = ml_collections.ConfigDict()
@@ -62,7 +65,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.depth = 4  # transformer blocks
   c.model.num_heads = 4
   c.model.mlp_dim = 128  # hidden units of each block's MLP
-  c.model.layer_norm_eps = 1e-6
+  c.model.layer_norm_eps = 1e-6  # added to the variance in every LayerNorm (> 0)
   # Compute dtype: "float32" (matches the study) or "bfloat16" (parameters and
   # optimizer state stay float32; softmax and logits are computed in float32).
   c.model.dtype = "float32"
@@ -101,8 +104,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   # of each kind are collected; the same images go through every model.
   c.tsne.num_retain = 300
   c.tsne.num_forget = 300
+  # scikit-learn's perplexity (> 0), lowered to (points - 1) / 3 when there are too few
+  # points for it (scikit-learn needs it below the number of points).
   c.tsne.perplexity = 30.0
 
+  # A training stage saves its full state (parameters, optimizer, position) this
+  # often, so a killed run resumes inside the stage; 0 turns a criterion off. Only
+  # the latest is kept, and it is deleted once the stage has finished.
+  c.checkpoint_every_seconds = 30.0
+  c.checkpoint_every_chunks = 0
   # Training steps run as one compiled call (lax.scan); the progress bar moves per chunk.
   c.steps_per_chunk = 50
   # Show progress bars.
@@ -162,28 +172,63 @@ def method_names(c) -> tuple[str, ...]:
   return tuple(METHODS) if m == ("all",) else m
 
 
-def _number(c, field: str):
+def field_names(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted names of every field of `c` (sections are walked, not listed): "model.depth", ..."""
+  out = []
+  for key, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out += field_names(value, f"{prefix}{key}.")
+    else:
+      out.append(prefix + key)
+  return out
+
+
+def closest(name: str, candidates, n: int = 3) -> list[str]:
+  """The `n` candidates most like `name` (difflib's ratio), best first; never empty."""
+  candidates = list(candidates)
+  return difflib.get_close_matches(name, candidates, n=n, cutoff=0.6) or \
+      difflib.get_close_matches(name, candidates, n=n, cutoff=0.0)
+
+
+def field_value(c, field: str):
+  """The value of a dotted field name ("model.depth")."""
   value = c
   for part in field.split("."):
     value = value[part]
   return value
 
 
-def check_int(c, field: str, low: int = 1):
-  value = _number(c, field)
+def check_int(c, field: str, low: int = 1, below: int = 2 ** 31):
+  """An int in [low, below); the default bound keeps it an int32, as JAX and numpy take it."""
+  value = field_value(c, field)
   if not isinstance(value, int) or isinstance(value, bool) or value < low:
     _fail(field, f"must be an integer >= {low}, got {value!r}")
+  if value >= below:
+    _fail(field, f"must be below {'2**31' if below == 2 ** 31 else below}, got {value}")
 
 
 def check_float(c, field: str, low: float, high: float = math.inf, *, open_low=False,
                  open_high=True):
-  value = _number(c, field)
+  value = field_value(c, field)
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   ok = ok and (value > low if open_low else value >= low) and (
       value < high if open_high else value <= high)
   if not ok:
     lo, hi = "(" if open_low else "[", ")" if open_high else "]"
     _fail(field, f"must be a finite number in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+def check_bool(c, field: str) -> None:
+  value = field_value(c, field)
+  if not isinstance(value, bool):
+    _fail(field, f"must be true or false, got {value!r}")
+
+
+def check_str(c, field: str, what: str = "a string", *, optional: bool = False) -> None:
+  """A string (`optional`: or None, the default of fields that name a file or folder)."""
+  value = field_value(c, field)
+  if not (isinstance(value, str) or (optional and value is None)):
+    _fail(field, f"must be {what}{' or None' if optional else ''}, got {value!r}")
 
 
 def check_optimizer(c, section: str) -> None:
@@ -194,41 +239,98 @@ def check_optimizer(c, section: str) -> None:
   check_float(c, f"{section}.weight_decay", 0)
 
 
+# At most this many seeds from a count ("5"): each seed is a whole run.
+MAX_SEEDS = 1000
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
+  """Checks every field of `c`; raises a one-line ValueError naming the first bad one.
+
+  Every field is checked, also those the run at hand ignores (another data set's,
+  a method not in `methods`): a config is valid or not whatever it runs. Only what
+  needs the data or weights themselves (the forget set is not empty, the weights'
+  sizes) is checked when they are loaded, still before anything is written.
+  """
   from jaxunlearn.methods import METHODS
+  # The fields are the base config's: a misspelt field set in a config file (before it
+  # is locked) would otherwise be a field nothing reads.
+  base = field_names(get_base_config())
+  have = field_names(c)
+  for field in have:
+    if field not in base:
+      near = ", ".join(f"config.{n}" for n in closest(field, base))
+      _fail(field, f"unknown field; closest: {near}")
+  for field in base:
+    if field not in have:
+      _fail(field, "missing; start from config.get_base_config() and change fields")
+
+  check_str(c, "data.name")
   if c.data.name not in datasets.NUM_CLASSES:
-    _fail("data.name", f"unknown data set {c.data.name!r}; allowed: {', '.join(datasets.NUM_CLASSES)}")
+    _fail("data.name", f"unknown data set {c.data.name!r}; "
+          f"allowed: {', '.join(datasets.NUM_CLASSES)}")
   num_classes = datasets.NUM_CLASSES[c.data.name]
+  check_float(c, "data.test_size", 0, 1, open_low=True)
+  check_int(c, "data.split_seed", 0)
+  check_str(c, "data.data_dir", "a folder path", optional=True)
+  check_str(c, "data.manual_dir", "a folder path", optional=True)
+  check_bool(c, "data.prepare")
+  check_int(c, "data.synthetic.num_train", 2)  # a forget and a retain example
+  check_int(c, "data.synthetic.num_test")
+  check_int(c, "data.synthetic.image_size")
+
   check_int(c, "seed", 0)
-  if c.seed >= 2 ** 31:
-    _fail("seed", f"must be below 2**31, got {c.seed}")
-  if not isinstance(c.seeds, str):
-    _fail("seeds", f"must be a comma-separated string of seeds or a count, got {c.seeds!r}")
+  check_str(c, "seeds", "a comma-separated string of seeds or a count")
   try:
-    seeds = seed_list(c)
+    parts = [int(p) for p in names(c.seeds)]
   except ValueError:
-    _fail("seeds", f"must be comma-separated integers (\"0,1,2\") or a count (\"5\"), got {c.seeds!r}")
-  if seeds is not None:
-    if not seeds or any(not 0 <= s < 2 ** 31 for s in seeds) or len(set(seeds)) != len(seeds):
-      _fail("seeds", f"must name distinct seeds in [0, 2**31) or a count >= 1, got {c.seeds!r}")
+    _fail("seeds", f"must be comma-separated integers (\"0,1,2\") or a count (\"5\"), "
+          f"got {c.seeds!r}")
+  count = len(parts) == 1 and 1 <= parts[0] <= MAX_SEEDS
+  seeds = len(parts) > 1 and all(0 <= s < 2 ** 31 for s in parts) and len(set(parts)) == len(parts)
+  if parts and not (count or seeds):
+    _fail("seeds", f"must name distinct seeds in [0, 2**31) or a count in 1..{MAX_SEEDS}, "
+          f"got {c.seeds!r}")
+  check_str(c, "scenario")
   if c.scenario not in ("class", "random"):
     _fail("scenario", f"unknown scenario {c.scenario!r}; allowed: class, random")
-  if c.scenario == "class":
-    try:
-      classes = [int(v) for v in names(str(c.forget_class))]
-    except ValueError:
-      _fail("forget_class", f"must be class numbers, e.g. \"3\" or \"0,3\"; got {c.forget_class!r}")
-    if not classes:
-      _fail("forget_class", "is empty; name at least one class")
-    for k in classes:
-      if not 0 <= k < num_classes:
-        _fail("forget_class", f"{k} is out of range; allowed: 0..{num_classes - 1} for {c.data.name}")
-    if len(set(classes)) == num_classes:
-      _fail("forget_class", f"forgets every class of {c.data.name}; leave at least one")
-  else:
-    check_float(c, "forget_fraction", 0, 1, open_low=True)
-  if not isinstance(c.methods, str):
-    _fail("methods", f"must be a comma-separated string, got {c.methods!r}")
+  check_str(c, "forget_class", "a string of class numbers")
+  try:
+    classes = [int(v) for v in names(c.forget_class)]
+  except ValueError:
+    _fail("forget_class", f"must be class numbers, e.g. \"3\" or \"0,3\"; got {c.forget_class!r}")
+  if not classes:
+    _fail("forget_class", "is empty; name at least one class")
+  for k in classes:
+    if not 0 <= k < num_classes:
+      _fail("forget_class", f"{k} is out of range; allowed: 0..{num_classes - 1} for {c.data.name}")
+  if c.scenario == "class" and len(set(classes)) == num_classes:
+    _fail("forget_class", f"forgets every class of {c.data.name}; leave at least one")
+  check_float(c, "forget_fraction", 0, 1, open_low=True)
+
+  check_str(c, "model.variant")
+  if c.model.variant and c.model.variant not in model_lib.VARIANTS:
+    _fail("model.variant", f"unknown variant {c.model.variant!r}; allowed: \"\" or "
+          f"{', '.join(model_lib.VARIANTS)}")
+  for field in ("image_size", "patch_size", "hidden_size", "depth", "num_heads", "mlp_dim"):
+    check_int(c, f"model.{field}")
+  check_float(c, "model.layer_norm_eps", 0, open_low=True)
+  check_str(c, "model.dtype")
+  if c.model.dtype not in DTYPES:
+    _fail("model.dtype", f"unknown dtype {c.model.dtype!r}; allowed: {', '.join(DTYPES)}")
+  check_str(c, "model.init", "a file, folder or hub id", optional=True)
+  if not c.model.init:  # with weights, the sizes are the weights' (checked when loaded)
+    sizes = model_lib.model_kwargs(c.model, num_classes)
+    field = "model.variant" if c.model.variant else "model.patch_size"
+    if sizes["image_size"] % sizes["patch_size"]:
+      _fail(field, f"patch size {sizes['patch_size']} does not divide "
+            f"image_size {sizes['image_size']}")
+    field = "model.variant" if c.model.variant else "model.num_heads"
+    if sizes["hidden_size"] % sizes["num_heads"]:
+      _fail(field, f"{sizes['num_heads']} heads do not divide hidden_size {sizes['hidden_size']}")
+
+  check_int(c, "batch_size")
+  check_optimizer(c, "train")
+  check_str(c, "methods", "a comma-separated string")
   methods = method_names(c)
   if not methods:
     _fail("methods", f"is empty; allowed: any of {', '.join(METHODS)}, or all")
@@ -237,27 +339,34 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _fail("methods", f"unknown method {m!r}; allowed: {', '.join(METHODS)}, or all")
   if len(set(methods)) != len(methods):
     _fail("methods", f"lists a method twice: {','.join(methods)}")
-  for field in ("batch_size", "steps_per_chunk", "eval.batch_size", "model.image_size"):
-    check_int(c, field)
-  check_optimizer(c, "train")
-  for m in methods:
-    METHODS[m].validate(c, m)
-  if c.model.variant and c.model.variant not in model_lib.VARIANTS:
-    _fail("model.variant", f"unknown variant {c.model.variant!r}; allowed: \"\" or "
-          f"{', '.join(model_lib.VARIANTS)}")
-  if c.model.dtype not in DTYPES:
-    _fail("model.dtype", f"unknown dtype {c.model.dtype!r}; allowed: {', '.join(DTYPES)}")
-  if not c.model.init:
-    sizes = model_lib.model_kwargs(c.model, num_classes)
-    if sizes["image_size"] % sizes["patch_size"]:
-      _fail("model.patch_size", f"{sizes['patch_size']} does not divide image_size {sizes['image_size']}")
-    if sizes["hidden_size"] % sizes["num_heads"]:
-      _fail("model.num_heads", f"{sizes['num_heads']} does not divide hidden_size {sizes['hidden_size']}")
-  if not isinstance(c.compilation_cache, str):
-    _fail("compilation_cache", f"must be a folder path or \"\" (off), got {c.compilation_cache!r}")
-  if not isinstance(c.concurrent_stages, bool):
-    _fail("concurrent_stages", f"must be true or false, got {c.concurrent_stages!r}")
-  if not 0 < c.data.test_size < 1:
-    _fail("data.test_size", f"must be in (0, 1), got {c.data.test_size!r}")
-  if c.tsne.num_retain < 0 or c.tsne.num_forget < 0:
-    _fail("tsne", "num_retain and num_forget must be >= 0 (0 skips the t-SNE figure)")
+  for m, module in METHODS.items():  # every section, also of methods not run
+    module.validate(c, m)
+
+  check_int(c, "eval.batch_size")
+  check_int(c, "tsne.num_retain", 0)
+  check_int(c, "tsne.num_forget", 0)
+  check_float(c, "tsne.perplexity", 0, open_low=True)
+  if 0 < c.tsne.num_retain + c.tsne.num_forget < 2 and c.batch_size < 2:
+    # Whole batches are taken: fewer than 2 points only at batch size 1.
+    _fail("tsne.num_retain", "t-SNE needs 2 points or more: with batch_size 1 set "
+          "num_retain + num_forget >= 2 (both 0 skip it)")
+  check_float(c, "checkpoint_every_seconds", 0)
+  check_int(c, "checkpoint_every_chunks", 0)
+  check_int(c, "steps_per_chunk")
+  check_bool(c, "progress")
+  check_bool(c, "concurrent_stages")
+  check_str(c, "compilation_cache", 'a folder path or "" (off)')
+  check_bool(c, "distributed")
+  check_str(c, "cluster.coordinator_address")
+  address = c.cluster.coordinator_address
+  host, _, port = address.rpartition(":")
+  if address and not (host and re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 2 ** 16):
+    _fail("cluster.coordinator_address", f"must be host:port (\"\": from the environment), "
+          f"got {address!r}")
+  check_int(c, "cluster.num_processes", 0)
+  check_int(c, "cluster.process_id", -1)
+  if 0 < c.cluster.num_processes <= c.cluster.process_id:
+    _fail("cluster.process_id", f"must be below num_processes {c.cluster.num_processes}, "
+          f"got {c.cluster.process_id}")
+  check_int(c, "cluster.timeout_seconds")
+

@@ -47,19 +47,48 @@ def stage_key(key: jax.Array, name: str) -> jax.Array:
   return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def _stage(trainer, workdir, abstract, name, params, recipe, rng, inputs, bar_position=0):
-  """Runs (or restores) one training/unlearning stage; returns (params, record)."""
+def _stage(trainer, workdir, abstract, name, params, recipe, rng, inputs, config,
+           bar_position=0):
+  """Runs (or restores, or resumes) one training/unlearning stage; returns (params, record).
+
+  While it trains, its full state is saved to checkpoints/<name>.partial now and
+  then (config.checkpoint_every_*), so a killed run resumes inside the stage. An
+  unlearning method whose loss or parameters turn non-finite returns (None, a
+  record saying where it diverged); an Original or Gold that diverges stops the run.
+  """
   path = os.path.join(workdir, "checkpoints", name)
   restored = checkpoints.restore(path, abstract, inputs=inputs)
   if restored is not None:
     logging.info("%s: restored from %s", name, workdir)
+    checkpoints.remove(path + ".partial")
     return restored
+  snapshots = checkpoints.Snapshots(
+      path + ".partial", inputs, every_chunks=config.checkpoint_every_chunks,
+      every_seconds=config.checkpoint_every_seconds)
+  optimizers = {p.optimizer.name: p.optimizer for p in recipe.phases}
+  resume = snapshots.latest(
+      lambda names: trainer.snapshot_template(params, {n: optimizers[n] for n in names}))
+  if resume is not None:
+    logging.info("%s: resuming at step %d", name, len(resume["loss"]))
   t0 = time.perf_counter()
-  params, log = trainer.run(params, recipe, rng, desc=name, bar_position=bar_position)
+  try:
+    params, log = trainer.run(params, recipe, rng, desc=name, bar_position=bar_position,
+                              snapshots=snapshots if jax.process_count() == 1 else None,
+                              resume=resume)
+  except train.Diverged as e:
+    if name in methods.TRAINING:
+      raise ValueError(f"{methods.TRAINING[name].DISPLAY_NAME} diverged ({e}); nothing to compare "
+                       "against: lower config.train.learning_rate") from None
+    logging.warning("%s diverged: %s", name, e)
+    return None, {"diverged_step": e.step, "diverged_phase": e.phase,
+                  "seconds": snapshots.seconds_before + time.perf_counter() - t0,
+                  "compile_seconds": 0.0, "loss": []}
   params = jax.block_until_ready(params)
-  record = {"inputs": inputs, "compile_seconds": log["compile_seconds"],
-            "seconds": time.perf_counter() - t0 - log["compile_seconds"], "loss": log["loss"]}
+  seconds = snapshots.seconds_before + time.perf_counter() - t0 - log["compile_seconds"]
+  record = {"inputs": inputs, "compile_seconds": log["compile_seconds"], "seconds": seconds,
+            "loss": log["loss"]}
   checkpoints.save(path, len(log["loss"]), arrays=params, record=record)
+  checkpoints.remove(path + ".partial")
   return params, record
 
 
@@ -155,17 +184,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = datasets.load(config.data)
   scenario_lib.from_config(config, data)
   build_model(config, data, jax.random.key(0))
-  config_dict = workdir_lib.prepare(config, workdir)
-  per_seed, names = {}, {}
-  for s in seeds:
-    c = config.copy_and_resolve_references()
-    c.seed, c.seeds = s, ""
-    print(f"=== seed {s} ({len(per_seed) + 1}/{len(seeds)})", flush=True)
-    out = run_once(c, os.path.join(workdir, f"seed_{s}"), data=data)
-    per_seed[s], names = out["models"], out["names"]
-  figures = {"tradeoff.png": report.tradeoff_figure(per_seed, names)}
-  if jax.process_index() == 0:
-    print(report.write_seeds(workdir, config_dict, per_seed, names, figures))
+  with workdir_lib.claim(config, workdir) as config_dict:
+    per_seed, names = {}, {}
+    workdir_lib.record_config(workdir, config_dict)
+    for s in seeds:
+      c = config.copy_and_resolve_references()
+      c.seed, c.seeds = s, ""
+      print(f"=== seed {s} ({len(per_seed) + 1}/{len(seeds)})", flush=True)
+      out = run_once(c, os.path.join(workdir, f"seed_{s}"), data=data)
+      per_seed[s], names = out["models"], out["names"]
+    figures = {"tradeoff.png": report.tradeoff_figure(per_seed, names)}
+    if jax.process_index() == 0:
+      print(report.write_seeds(workdir, config_dict, per_seed, names, figures))
   mean, std = report.aggregate(per_seed)
   return {"config": config_dict, "seeds": per_seed, "mean": mean, "std": std, "names": names}
 
@@ -181,100 +211,107 @@ def run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict
   key = jax.random.key(config.seed)
   vit, init_params = build_model(config, data, jax.random.fold_in(key, 0))
   # Input checked, data and weights found: only now is anything written.
-  config_dict = workdir_lib.prepare(config, workdir)
-  trainer = train.Trainer(
-      vit, data, scene.pools(), batch_size=config.batch_size,
-      steps_per_chunk=config.steps_per_chunk, eval_batch_size=config.eval.batch_size,
-      progress=config.progress)
-  logging.info("%s: %s / %d test examples; ViT with %s parameters; %d device(s)",
-               config.data.name, scene.describe(), len(data.test_labels),
-               f"{model_lib.num_params(init_params):,}", jax.device_count())
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated), init_params)
+  with workdir_lib.claim(config, workdir) as config_dict:
+    trainer = train.Trainer(
+        vit, data, scene.pools(), batch_size=config.batch_size,
+        steps_per_chunk=config.steps_per_chunk, eval_batch_size=config.eval.batch_size,
+        progress=config.progress)
+    logging.info("%s: %s / %d test examples; ViT with %s parameters; %d device(s)",
+                 config.data.name, scene.describe(), len(data.test_labels),
+                 f"{model_lib.num_params(init_params):,}", jax.device_count())
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated), init_params)
 
-  method_names = config_lib.method_names(config)
-  modules = {**methods.TRAINING, **{m: methods.METHODS[m] for m in method_names}}
-  names = {m: module.DISPLAY_NAME for m, module in modules.items()}
-  tsne_idx = evaluate.tsne_indices(
-      scene.forget_train, batch_size=config.batch_size, num_retain=config.tsne.num_retain,
-      num_forget=config.tsne.num_forget, seed=config.seed)
-  workers = _workers(config)
+    method_names = config_lib.method_names(config)
+    modules = {**methods.TRAINING, **{m: methods.METHODS[m] for m in method_names}}
+    names = {m: module.DISPLAY_NAME for m, module in modules.items()}
+    tsne_idx = evaluate.tsne_indices(
+        scene.forget_train, batch_size=config.batch_size, num_retain=config.tsne.num_retain,
+        num_forget=config.tsne.num_forget, seed=config.seed)
+    workers = _workers(config)
 
-  # What each stage, evaluation and t-SNE is computed from (checked on restore).
-  inputs = {}
-  for m in modules:
-    parent = None if m in methods.TRAINING else inputs["stage/original"]
-    inputs[f"stage/{m}"] = workdir_lib.stage_inputs(config, methods.section_name(m), parent)
-  for m in modules:
-    inputs[f"eval/{m}"] = {"model": inputs[f"stage/{m}"], "gold": inputs["stage/retrain"],
-                           "tsne_examples": [int(i) for i in tsne_idx]}
-    inputs[f"tsne/{m}"] = {"features": inputs[f"eval/{m}"], "tsne": config.tsne.to_dict()}
-  # A workdir computed from something else stops the run here, before any work.
-  for task, expected in inputs.items():
-    kind, m = task.split("/")
-    folder = {"stage": "checkpoints"}.get(kind, kind)
-    path = os.path.join(workdir, folder, m)
-    arrays = {"stage": "params", "eval": "outputs", "tsne": "embedding"}[kind]
-    record = checkpoints.read_record(path, arrays_name=arrays)
-    if record is not None:
-      workdir_lib.check_inputs(path, record.get("inputs"), expected)
+    # What each stage, evaluation and t-SNE is computed from (checked on restore).
+    inputs = {}
+    for m in modules:
+      parent = None if m in methods.TRAINING else inputs["stage/original"]
+      inputs[f"stage/{m}"] = workdir_lib.stage_inputs(config, methods.section_name(m), parent)
+    for m in modules:
+      inputs[f"eval/{m}"] = {"model": inputs[f"stage/{m}"], "gold": inputs["stage/retrain"],
+                             "tsne_examples": [int(i) for i in tsne_idx]}
+      inputs[f"tsne/{m}"] = {"features": inputs[f"eval/{m}"], "tsne": config.tsne.to_dict()}
+    # A workdir computed from something else stops the run here, before any work.
+    for task, expected in inputs.items():
+      kind, m = task.split("/")
+      folder = {"stage": "checkpoints"}.get(kind, kind)
+      path = os.path.join(workdir, folder, m)
+      arrays = {"stage": "params", "eval": "outputs", "tsne": "embedding"}[kind]
+      record = checkpoints.read_record(path, arrays_name=arrays)
+      if record is not None:
+        workdir_lib.check_inputs(path, record.get("inputs"), expected)
+    workdir_lib.record_config(workdir, config_dict)
 
-  # The study as tasks with dependencies: training stages, then each model's evaluation
-  # (the others' JSD needs Gold's) and t-SNE. Several run at once on a multi-core CPU;
-  # the longest chain (Original, then its longest method) goes first. Results do not
-  # depend on the order: every stage has its own random key and checkpoint.
-  recipes = {m: module.recipe(config[methods.section_name(m)]) for m, module in modules.items()}
-  cost = {m: sum(trainer.steps_in(p) * len(p.streams) for p in r.phases) for m, r in recipes.items()}
-  longest_method = max([cost[m] for m in method_names] or [0])
-  bars = scheduler.BarSlots()
+    # The study as tasks with dependencies: training stages, then each model's evaluation
+    # (the others' JSD needs Gold's) and t-SNE. Several run at once on a multi-core CPU;
+    # the longest chain (Original, then its longest method) goes first. Results do not
+    # depend on the order: every stage has its own random key and checkpoint.
+    recipes = {m: module.recipe(config[methods.section_name(m)]) for m, module in modules.items()}
+    cost = {m: sum(trainer.steps_in(p) * len(p.streams) for p in r.phases) for m, r in recipes.items()}
+    longest_method = max([cost[m] for m in method_names] or [0])
+    bars = scheduler.BarSlots()
 
-  def stage_task(name):
-    parent = None if name in methods.TRAINING else "original"
+    def stage_task(name):
+      parent = None if name in methods.TRAINING else "original"
 
-    def fn(results, idle):
-      start = init_params if parent is None else results[parent][0]
-      with bars.take() as slot:
-        return _stage(trainer, workdir, abstract, name, start, recipes[name],
-                      stage_key(key, name), inputs[f"stage/{name}"], bar_position=slot)
-    priority = cost[name] + (longest_method if name == "original" else 0)
-    return scheduler.Task(fn, deps=() if parent is None else (parent,), priority=priority)
+      def fn(results, idle):
+        start = init_params if parent is None else results[parent][0]
+        with bars.take() as slot:
+          return _stage(trainer, workdir, abstract, name, start, recipes[name],
+                        stage_key(key, name), inputs[f"stage/{name}"], config, bar_position=slot)
+      priority = cost[name] + (longest_method if name == "original" else 0)
+      return scheduler.Task(fn, deps=() if parent is None else (parent,), priority=priority)
 
-  def eval_task(name):
-    def fn(results, idle):
-      gold = None if name == "retrain" else results["eval/retrain"][1]
-      return _evaluate(trainer, workdir, name, results[name][0], scene, gold, tsne_idx,
-                       inputs[f"eval/{name}"], config.seed)
-    return scheduler.Task(fn, deps=(name,) if name == "retrain" else (name, "eval/retrain"),
-                          priority=-1)
+    def eval_task(name):
+      def fn(results, idle):
+        if results[name][0] is None:  # diverged: nothing to evaluate
+          return {k: results[name][1][k] for k in ("diverged_step", "diverged_phase")}, None, None
+        gold = None if name == "retrain" else results["eval/retrain"][1]
+        return _evaluate(trainer, workdir, name, results[name][0], scene, gold, tsne_idx,
+                         inputs[f"eval/{name}"], config.seed)
+      return scheduler.Task(fn, deps=(name,) if name == "retrain" else (name, "eval/retrain"),
+                            priority=-1)
 
-  def tsne_task(name):
-    def fn(results, idle):
-      return _tsne(workdir, name, results[f"eval/{name}"][2], config,
-                   threads=None if workers == 1 else 1 + idle, inputs=inputs[f"tsne/{name}"])
-    return scheduler.Task(fn, deps=(f"eval/{name}",), priority=-2)
+    def tsne_task(name):
+      def fn(results, idle):
+        if results[f"eval/{name}"][2] is None:
+          return None
+        return _tsne(workdir, name, results[f"eval/{name}"][2], config,
+                     threads=None if workers == 1 else 1 + idle, inputs=inputs[f"tsne/{name}"])
+      return scheduler.Task(fn, deps=(f"eval/{name}",), priority=-2)
 
-  models = list(modules)
-  tasks = {name: stage_task(name) for name in models}
-  tasks.update({f"eval/{name}": eval_task(name) for name in models})
-  if len(tsne_idx):
-    tasks.update({f"tsne/{name}": tsne_task(name) for name in models})
-  import threadpoolctl  # scikit-learn's dependency
-  # numpy's BLAS (t-SNE's PCA) one thread per task while tasks share the cores: its
-  # threads spin-wait beside XLA's. Process-wide, so set here once, not per task.
-  with threadpoolctl.threadpool_limits(limits=1 if workers > 1 else None, user_api="blas"):
-    done = scheduler.run_tasks(tasks, workers, trainer.cancel)
+    models = list(modules)
+    tasks = {name: stage_task(name) for name in models}
+    tasks.update({f"eval/{name}": eval_task(name) for name in models})
+    if len(tsne_idx):
+      tasks.update({f"tsne/{name}": tsne_task(name) for name in models})
+    import threadpoolctl  # scikit-learn's dependency
+    # numpy's BLAS (t-SNE's PCA) one thread per task while tasks share the cores: its
+    # threads spin-wait beside XLA's. Process-wide, so set here once, not per task.
+    with threadpoolctl.threadpool_limits(limits=1 if workers > 1 else None, user_api="blas"):
+      done = scheduler.run_tasks(tasks, workers, trainer.cancel)
 
-  results = {}
-  for name in models:
-    record = done[name][1]
-    results[name] = dict(done[f"eval/{name}"][0], seconds=record["seconds"],
-                         compile_seconds=record["compile_seconds"])
-  for name in models:
-    results[name].update(evaluate.gaps_to_gold(results[name], results["retrain"]))
-  figures = {"loss_curves.png": report.loss_figure({m: done[m][1]["loss"] for m in models}, names)}
-  if len(tsne_idx):
-    figures["tsne.png"] = report.tsne_figure({m: done[f"tsne/{m}"] for m in models},
-                                             scene.forget_train[tsne_idx], names)
-  if jax.process_index() == 0:
-    print(report.write(workdir, config_dict, results, names, figures))
-  return {"config": config_dict, "models": results, "names": names}
+    results = {}
+    for name in models:
+      record = done[name][1]
+      results[name] = dict(done[f"eval/{name}"][0], seconds=record["seconds"],
+                           compile_seconds=record["compile_seconds"])
+    for name in models:
+      if "diverged_step" not in results[name]:
+        results[name].update(evaluate.gaps_to_gold(results[name], results["retrain"]))
+    figures = {"loss_curves.png": report.loss_figure({m: done[m][1]["loss"] for m in models}, names)}
+    if len(tsne_idx):
+      figures["tsne.png"] = report.tsne_figure(
+          {m: done[f"tsne/{m}"] for m in models if done[f"tsne/{m}"] is not None},
+          scene.forget_train[tsne_idx], names)
+    if jax.process_index() == 0:
+      print(report.write(workdir, config_dict, results, names, figures))
+    return {"config": config_dict, "models": results, "names": names}

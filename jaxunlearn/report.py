@@ -27,6 +27,9 @@ STUDY_COLUMNS = (
     ("retain_train_acc", "Retain Acc (train) %"),
     ("test_acc", "Test Acc (all) %"),
     ("seconds", "Time (s)"),
+    # Present only when a method diverged: the step where its loss or parameters
+    # became non-finite (its other columns stay empty).
+    ("diverged_step", "Diverged at step"),
 )
 # What the field reports: privacy, gaps to Gold (TA = retain test accuracy), efficiency.
 FIELD_COLUMNS = (
@@ -42,6 +45,7 @@ FIELD_COLUMNS = (
     ("tow", "ToW"),
     ("rte", "RTE (x)"),
     ("compile_seconds", "Compile (s)"),
+    ("diverged_seeds", "Diverged (seeds)"),
 )
 COLUMNS = STUDY_COLUMNS + FIELD_COLUMNS
 
@@ -49,6 +53,8 @@ COLUMNS = STUDY_COLUMNS + FIELD_COLUMNS
 def _fmt(key, value):
   if value is None:
     return "—"
+  if key in ("diverged_step", "diverged_seeds"):
+    return f"{value:.0f}"
   if key in ("seconds", "compile_seconds", "rte"):
     return f"{value:.1f}"
   if key.endswith("acc") or key.startswith("gap_") or key in ("mia_efficacy", "loss_mia", "avg_gap"):
@@ -197,14 +203,19 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> tuple[dict, dict]:
   mean, std = {}, {}
   models = list(next(iter(per_seed.values())))
   for m in models:
-    keys = [k for k in next(iter(per_seed.values()))[m]]
+    keys = list(dict.fromkeys(k for r in per_seed.values() for k in r.get(m, {})))
     mean[m], std[m] = {}, {}
     for k in keys:
+      if k in ("diverged_step", "diverged_phase"):
+        continue
       values = [r[m][k] for r in per_seed.values() if m in r and isinstance(r[m].get(k), (int, float))]
       if not values:
         continue
       mean[m][k] = float(np.mean(values))
       std[m][k] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    diverged = sum("diverged_step" in r.get(m, {}) for r in per_seed.values())
+    if diverged:  # the mean and sd above are over the other seeds
+      mean[m]["diverged_seeds"], std[m]["diverged_seeds"] = float(diverged), None
   return mean, std
 
 

@@ -43,6 +43,18 @@ class Cancelled(Exception):
   """A run stopped early through `Trainer.cancel`."""
 
 
+class Diverged(FloatingPointError):
+  """A run whose loss or parameters became non-finite (at `step`, in `phase`)."""
+
+  def __init__(self, message: str, *, step: int, phase: str):
+    super().__init__(message)
+    self.step, self.phase = step, phase
+
+
+def _finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 @dataclasses.dataclass(frozen=True)
 class Stream:
   """Batches from one pool of training examples."""
@@ -280,6 +292,10 @@ class Trainer:
 
   def place(self, tree):
     """Replicate a pytree (parameters, method inputs) over the mesh."""
+    if jax.process_count() > 1:
+      # Multi-host: device_put takes no PRNG keys onto other processes' devices (jax
+      # 0.10); the compiled copy takes anything, each process handing in its equal copy.
+      return self._copy(tree)
     return jax.device_put(tree, self.replicated)
 
   # ---- compiling, with the compile time kept apart from the run time ----
@@ -356,7 +372,9 @@ class Trainer:
 
     # A phase rarely fills its last chunk (stage 1 of two-stage is a single step):
     # cond runs only the taken branch, so padding steps cost nothing.
-    return jax.lax.scan(lambda st, x: jax.lax.cond(x["active"], step, skip, st, x), state, xs)
+    state, metrics = jax.lax.scan(lambda st, x: jax.lax.cond(x["active"], step, skip, st, x),
+                                  state, xs)
+    return state, dict(metrics, params_finite=_finite(state[0]))
 
   def new_state(self, params, optimizer: Optimizer):
     """A fresh optimizer state for `params`, replicated."""
@@ -404,19 +422,27 @@ class Trainer:
     return self.place(recipe.prepare(self, params)) if recipe.prepare else Inputs()
 
   def run(self, params, recipe: Recipe | list[Phase], rng: jax.Array, desc: str,
-          bar_position: int = 0):
+          bar_position: int = 0, *, snapshots=None, resume: dict | None = None):
     """Runs a stage's recipe from `params`; returns (params, log).
 
     The log has the loss of every step and `compile_seconds`, the part of the
     wall time spent compiling. Thread-safe: independent runs may go on in
     parallel threads (`bar_position` keeps their progress bars on separate lines).
+
+    `snapshots` (optional) is asked at every chunk boundary whether a snapshot is
+    `due()`; if so its `save(position, arrays, log)` gets the full training state:
+    position {"phase", "chunk"} (the next chunk to run), arrays {"params", "opt":
+    {optimizer name: state}} and the losses so far. `resume` (such a snapshot, as
+    `snapshot_template` restores it, plus "loss") continues from there: the same
+    steps, batches and keys as an uninterrupted run, so the same result.
+    A non-finite loss or parameter raises `Diverged` with the step.
     """
     if not isinstance(recipe, Recipe):
       recipe = Recipe(list(recipe))
     compile_before = self.compile_seconds()
     params = self._copy(params)  # the chunks donate their state; the caller keeps its params
-    inputs = self.prepare(recipe, params)
-    log = {"loss": []}
+    inputs = self.prepare(recipe, params)  # from the stage's start: deterministic on resume too
+    log = {"loss": list(resume["loss"]) if resume else []}
     phases = recipe.phases
     # The run's step count and each optimizer's, for progress and learning-rate schedules.
     steps = [self.steps_in(p) for p in phases]
@@ -426,12 +452,21 @@ class Trainer:
       if any(q.optimizer.name == p.optimizer.name and q.optimizer != p.optimizer for q in phases):
         raise ValueError(f"{desc}: phases share optimizer {p.optimizer.name!r} with different settings")
     opt_states: dict[str, Any] = {}
+    start_phase, start_chunk = 0, 0
+    if resume:
+      start_phase, start_chunk = resume["phase"], resume["chunk"]
+      params, opt_states = resume["arrays"]["params"], dict(resume["arrays"]["opt"])
     opt_done = dict.fromkeys(per_opt, 0)
-    done, K = 0, self.steps_per_chunk
-    bar = tqdm(total=sum(steps), desc=desc, disable=not self.progress or not phases, unit="step",
-               dynamic_ncols=True, leave=True, position=bar_position)
+    for p, n in zip(phases[:start_phase], steps[:start_phase]):
+      opt_done[p.optimizer.name] += n
+    done, K = sum(steps[:start_phase]), self.steps_per_chunk
+    bar = tqdm(total=sum(steps), initial=len(log["loss"]), desc=desc,
+               disable=not self.progress or not phases, unit="step", dynamic_ncols=True,
+               leave=True, position=bar_position)
     t0, seen = time.perf_counter(), 0
     for p_i, (phase, num_steps) in enumerate(zip(phases, steps)):
+      if p_i < start_phase:
+        continue
       opt = phase.optimizer
       if opt.name not in opt_states:
         opt_states[opt.name] = self.new_state(params, opt)
@@ -443,16 +478,24 @@ class Trainer:
       if len(phases) > 1:
         bar.set_description(f"{desc}/{phase.name}")
       pending = None
-      for c in range(num_chunks + 1):
+      first = start_chunk if p_i == start_phase else 0
+      for c in range(first, num_chunks + 1):
         if self.cancel.is_set():
           raise Cancelled(f"{desc}: stopped because another stage failed")
+        if (snapshots is not None and c < num_chunks and (p_i, c) != (start_phase, start_chunk)
+            and snapshots.due()):
+          if pending is not None:  # the log must hold every step before the snapshot
+            seen += self._report(pending, bar, phase, log, t0, seen, done + c * K)
+            pending = None
+          snapshots.save({"phase": p_i, "chunk": c},
+                         {"params": state[0], "opt": {**opt_states, opt.name: state[1]}}, log)
         if c < num_chunks:
           state, metrics = self._aot(self._chunk_jit, static, state, self.train, inputs, args,
                                      chunk_xs(c))
         # Read the previous chunk's metrics while this one runs: no host stall.
         if pending is not None:
-          seen += self._report(pending, bar, phase, log, t0, seen, steps_done=done + min(c * K, num_steps))
-        pending = (metrics, min(K, num_steps - c * K)) if c < num_chunks else None
+          seen += self._report(pending, bar, phase, log, t0, seen, done + min(c * K, num_steps))
+        pending = (metrics, min(K, num_steps - c * K), done + c * K) if c < num_chunks else None
       params, opt_states[opt.name] = state
       opt_done[opt.name] += num_steps
       done += num_steps
@@ -460,8 +503,17 @@ class Trainer:
     if recipe.edit is not None:
       hp = self.place({k: np.float32(v) for k, v in recipe.edit_hparams.items()})
       params = self._aot(self._edit_jit, (recipe.edit,), params, inputs, hp)
+      if not _finite(params):
+        raise Diverged(f"{desc}: non-finite parameters after its edit", step=done, phase="edit")
     log["compile_seconds"] = self.compile_seconds() - compile_before
     return params, log
+
+  def snapshot_template(self, params, optimizer_names: dict[str, "Optimizer"]):
+    """Abstract arrays (shapes, dtypes, shardings) of a snapshot, to restore one."""
+    make = lambda: {"params": params,
+                    "opt": {n: self.new_state(params, o) for n, o in optimizer_names.items()}}
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+                        jax.eval_shape(make))
 
   def stepper(self, phase: Phase, params, inputs: Inputs | None = None,
               rng: jax.Array | None = None) -> "Stepper":
@@ -492,13 +544,15 @@ class Trainer:
     return edit(ctx, params)
 
   def _report(self, pending, bar, phase, log, t0, seen, steps_done):
-    metrics, n_active = pending
+    metrics, n_active, first_step = pending
     m = jax.device_get(metrics)
     losses_K = np.asarray(m["loss"])[:n_active]
-    if not np.all(np.isfinite(losses_K)):
-      raise FloatingPointError(
-          f"{phase.name}: loss is {losses_K[~np.isfinite(losses_K)][0]} near step {steps_done}; "
-          "lower the learning rate or the number of epochs")
+    bad = np.flatnonzero(~np.isfinite(losses_K))
+    if len(bad) or not m["params_finite"]:
+      step = first_step + (int(bad[0]) if len(bad) else n_active - 1)
+      what = f"loss {losses_K[bad[0]]}" if len(bad) else "non-finite parameters"
+      raise Diverged(f"{phase.name}: {what} at step {step}; lower the learning rate or the "
+                     "number of epochs", step=step, phase=phase.name)
     log["loss"].extend(float(v) for v in losses_K)
     examples = int(np.sum(np.asarray(m["examples"])[:n_active]))
     rate = (seen + examples) / max(time.perf_counter() - t0, 1e-9)

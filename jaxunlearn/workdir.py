@@ -8,11 +8,16 @@ share a workdir: a new method reuses the Original and Gold already trained there
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import tempfile
 
 import jax
+
+LOCK_FILE = ".lock"
 
 # Fields that decide every stage's result (besides the stage's own section).
 COMMON_FIELDS = ("seed", "scenario", "forget_class", "forget_fraction", "batch_size", "data",
@@ -74,8 +79,18 @@ def check_inputs(path: str, recorded: dict | None, expected: dict) -> None:
                    f"{path} to recompute it")
 
 
-def prepare(config, workdir: str) -> dict:
-  """Creates the workdir (checked writable) and records this run's config in config.json."""
+@contextlib.contextmanager
+def claim(config, workdir: str):
+  """Makes the workdir this run's alone (an OS lock); yields the config as a dict.
+
+  `record_config` writes it to config.json once the run's checkpoints are known to
+  fit it.
+
+  A second run on a workdir in use stops at once with one line naming the other
+  process. The lock is `fcntl.flock` on `<workdir>/.lock`: the OS releases it when
+  its process ends, however it ends, so a killed run never blocks the next one.
+  In multi-host runs process 0 holds it.
+  """
   config_dict = json.loads(config.to_json())
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -84,6 +99,37 @@ def prepare(config, workdir: str) -> dict:
   except OSError as e:
     raise ValueError(f"--workdir: cannot write to {workdir!r} ({e.strerror}); "
                      "choose a writable folder") from None
-  if jax.process_index() == 0:  # multi-host: one writer
+  if jax.process_index() != 0:
+    yield config_dict
+    return
+  fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+      raise ValueError(f"--workdir {workdir!r} is in use by {holder}; wait for it to finish, "
+                       "or use another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    _check_config_json(os.path.join(workdir, "config.json"))
+    yield config_dict
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def record_config(workdir: str, config_dict: dict) -> None:
+  if jax.process_index() == 0:
     atomic_write(os.path.join(workdir, "config.json"), json.dumps(config_dict, indent=2))
-  return config_dict
+
+
+def _check_config_json(path: str) -> None:
+  """A damaged config.json means the workdir was tampered with: say so rather than overwrite it."""
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is damaged ({type(e).__name__}); delete it (every checkpoint records "
+                     "its own inputs) and rerun") from None
