@@ -23,7 +23,7 @@ i.e. 396 forget-batch steps for gradient ascent and two-stage (stage 2), and
 132 epochs over the retain set (2,508 steps) for fine-tuning.
 
 Expected (seed 42; 3,300 + 2,850 training and 3,301 unlearning steps; measured on
-this project's 2-core CPU, AMD EPYC with AVX-512, jax 0.10.2, 8 fake devices off: the
+this project's 2-core CPU (AMD EPYC with AVX-512, jax 0.10.2, one CPU device): the
 whole command ~90-130 s, 129 s with other jobs running; a rerun on the same workdir
 reuses every stage and takes seconds):
 
