@@ -6,7 +6,6 @@ class token after the final LayerNorm).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn

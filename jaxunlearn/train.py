@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import threading
 import time
 from typing import Any, Callable, Mapping

@@ -9,8 +9,6 @@ A section read by several stages names itself in SECTION (Original and Gold read
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 from jaxunlearn import config as config_lib, train

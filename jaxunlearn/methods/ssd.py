@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxunlearn import config as config_lib, losses, train
-from jaxunlearn.methods import base
 
 DISPLAY_NAME = "SSD"
 
