@@ -119,12 +119,10 @@ def restore(path: str, abstract_arrays=None, arrays_name: str = "params", inputs
   inputs must equal them (`workdir.check_inputs`), else a one-line ValueError.
   Damage (unreadable files, digests that do not match) raises `CheckpointError`.
   """
-  if inputs is not None:
-    record = read_record(path, arrays_name)
-    if record is None:
-      return None
-    workdir.check_inputs(path, record.get("inputs"), inputs)
-  return _read(path, arrays_name, abstract_arrays, with_arrays=True)
+  out = _read(path, arrays_name, abstract_arrays, with_arrays=True)
+  if out is not None and inputs is not None:
+    workdir.check_inputs(path, out[1].get("inputs"), inputs)
+  return out
 
 
 def remove(path: str) -> None:

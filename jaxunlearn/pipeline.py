@@ -42,6 +42,17 @@ def build_model(config, data: datasets.Dataset, rng):
   return model_lib.ViT(**kwargs, dtype=dtype), params
 
 
+# Where each kind of task keeps its checkpoint (folder in the workdir) and its arrays' item name.
+_ARTIFACTS = {"stage": ("checkpoints", "params"), "eval": ("eval", "outputs"),
+              "tsne": ("tsne", "embedding")}
+
+
+def _artifact(workdir: str, kind: str, name: str) -> tuple[str, str]:
+  """(checkpoint folder, arrays item name) of task `kind`/`name`."""
+  folder, arrays_name = _ARTIFACTS[kind]
+  return os.path.join(workdir, folder, name), arrays_name
+
+
 def stage_key(key: jax.Array, name: str) -> jax.Array:
   """A stage's random key, from its name: the same method gives the same result in any list."""
   return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
@@ -56,7 +67,7 @@ def _stage(trainer, workdir, abstract, name, params, recipe, rng, inputs, config
   unlearning method whose loss or parameters turn non-finite returns (None, a
   record saying where it diverged); an Original or Gold that diverges stops the run.
   """
-  path = os.path.join(workdir, "checkpoints", name)
+  path, _ = _artifact(workdir, "stage", name)
   restored = checkpoints.restore(path, abstract, inputs=inputs)
   if restored is not None:
     logging.info("%s: restored from %s", name, workdir)
@@ -107,8 +118,8 @@ def _workers(config) -> int:
 
 def _evaluate(trainer, workdir, name, params, scenario, gold_test_probs, tsne_idx, inputs, seed):
   """Metrics of one model (checkpointed in workdir/eval), its test probabilities and t-SNE features."""
-  path = os.path.join(workdir, "eval", name)
-  restored = checkpoints.restore(path, arrays_name="outputs", inputs=inputs)
+  path, arrays_name = _artifact(workdir, "eval", name)
+  restored = checkpoints.restore(path, arrays_name=arrays_name, inputs=inputs)
   if restored is not None:
     outputs, record = restored
     feats = outputs.get("tsne_features")
@@ -131,7 +142,7 @@ def _evaluate(trainer, workdir, name, params, scenario, gold_test_probs, tsne_id
   if len(tsne_idx):  # orbax cannot save an empty array
     outputs["tsne_features"] = np.asarray(train_feats)[tsne_idx]
   checkpoints.save(path, 0, arrays=outputs, record={"inputs": inputs, "metrics": summary},
-                   arrays_name="outputs")
+                   arrays_name=arrays_name)
   return summary, outputs["test_probs"], outputs.get("tsne_features")
 
 
@@ -141,8 +152,8 @@ def _tsne(workdir, name, features, config, threads: int | None, inputs) -> np.nd
   `threads` caps scikit-learn's OpenMP threads (per calling thread), so a t-SNE
   running beside a training stage takes one core rather than contending for all.
   """
-  path = os.path.join(workdir, "tsne", name)
-  restored = checkpoints.restore(path, arrays_name="embedding", inputs=inputs)
+  path, arrays_name = _artifact(workdir, "tsne", name)
+  restored = checkpoints.restore(path, arrays_name=arrays_name, inputs=inputs)
   if restored is not None:
     return np.asarray(restored[0]["xy"])
   import threadpoolctl
@@ -151,7 +162,7 @@ def _tsne(workdir, name, features, config, threads: int | None, inputs) -> np.nd
     xy = report.tsne(features, config.tsne.perplexity, config.seed)
   checkpoints.save(path, 0, arrays={"xy": xy},
                    record={"inputs": inputs, "seconds": time.perf_counter() - t0},
-                   arrays_name="embedding")
+                   arrays_name=arrays_name)
   return xy
 
 
@@ -174,12 +185,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   seed's tables, and the trade-off figure.
   """
   config_lib.validate(config)
-  seeds = config_lib.seed_list(config)
-  if seeds is None:
-    return run_once(config, workdir)
   use_compilation_cache(config.compilation_cache)
   if config.distributed:
     distributed.initialize(config.cluster)
+  seeds = config_lib.seed_list(config)
+  if seeds is None:
+    return _run_once(config, workdir)
   # Check data and weights once, before anything is written.
   data = datasets.load(config.data)
   scenario_lib.from_config(config, data)
@@ -191,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       c = config.copy_and_resolve_references()
       c.seed, c.seeds = s, ""
       print(f"=== seed {s} ({len(per_seed) + 1}/{len(seeds)})", flush=True)
-      out = run_once(c, os.path.join(workdir, f"seed_{s}"), data=data)
+      out = _run_once(c, os.path.join(workdir, f"seed_{s}"), data=data)
       per_seed[s], names = out["models"], out["names"]
     figures = {"tradeoff.png": report.tradeoff_figure(per_seed, names)}
     if jax.process_index() == 0:
@@ -200,12 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"config": config_dict, "seeds": per_seed, "mean": mean, "std": std, "names": names}
 
 
-def run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
-  """One run of the study with `config.seed`: every stage, evaluation, table and figure."""
-  config_lib.validate(config)
-  use_compilation_cache(config.compilation_cache)
-  if config.distributed:
-    distributed.initialize(config.cluster)
+def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
+  """One run of the study with `config.seed` (validated): every stage, evaluation, table, figure."""
   data = data if data is not None else datasets.load(config.data)
   scene = scenario_lib.from_config(config, data)
   key = jax.random.key(config.seed)
@@ -241,11 +248,8 @@ def run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict
       inputs[f"tsne/{m}"] = {"features": inputs[f"eval/{m}"], "tsne": config.tsne.to_dict()}
     # A workdir computed from something else stops the run here, before any work.
     for task, expected in inputs.items():
-      kind, m = task.split("/")
-      folder = {"stage": "checkpoints"}.get(kind, kind)
-      path = os.path.join(workdir, folder, m)
-      arrays = {"stage": "params", "eval": "outputs", "tsne": "embedding"}[kind]
-      record = checkpoints.read_record(path, arrays_name=arrays)
+      path, arrays_name = _artifact(workdir, *task.split("/"))
+      record = checkpoints.read_record(path, arrays_name=arrays_name)
       if record is not None:
         workdir_lib.check_inputs(path, record.get("inputs"), expected)
     workdir_lib.record_config(workdir, config_dict)

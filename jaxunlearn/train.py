@@ -225,6 +225,11 @@ def _sgd(learning_rate, momentum, weight_decay):
                      optax.scale_by_learning_rate(learning_rate))
 
 
+def _scalars(hparams: Mapping[str, float]) -> dict[str, np.float32]:
+  """Hyperparameters as float32 scalars: traced inputs of a compiled step, never constants."""
+  return {k: np.float32(v) for k, v in hparams.items()}
+
+
 def _masked(tree, mask):
   return tree if mask is None else jax.tree.map(lambda x, m: x * m.astype(x.dtype), tree, mask)
 
@@ -407,7 +412,7 @@ class Trainer:
         key=jax.random.fold_in(rng, 1 << 20), num_steps=np.int32(total_steps),
         sign=np.float32(phase.sign), momentum=np.float32(opt.momentum),
         weight_decay=np.float32(opt.weight_decay),
-        hp={k: np.float32(v) for k, v in phase.hparams.items()}))
+        hp=_scalars(phase.hparams)))
 
     def chunk_xs(c):
       tables = {name: self._aot(self._table_jit, (), keys, pool, np.int32(c), np.int32(num_steps))
@@ -500,7 +505,7 @@ class Trainer:
       done += num_steps
     bar.close()
     if recipe.edit is not None:
-      hp = self.place({k: np.float32(v) for k, v in recipe.edit_hparams.items()})
+      hp = self.place(_scalars(recipe.edit_hparams))
       params = self._aot(self._edit_jit, (recipe.edit,), params, inputs, hp)
       if not _finite(params):
         raise Diverged(f"{desc}: non-finite parameters after its edit", step=done, phase="edit")
@@ -571,7 +576,7 @@ class Trainer:
     array (zeros outside the pool), and each total summed over the batches.
     """
     inputs = self.place(inputs or Inputs())
-    hp = self.place({k: np.float32(v) for k, v in (hparams or {}).items()})
+    hp = self.place(_scalars(hparams or {}))
     pool_N = self.pools[pool]
     return self._aot(self._sweep_jit, (fn, int(pool_N.shape[0])), params, self.train, pool_N,
                      inputs, hp)
