@@ -33,8 +33,8 @@ from jaxunlearn.config import get_base_config
 def get_config():
   c = get_base_config()
   c.data.name = "cifar10"
-  c.model.variant = "Ti/16"
-  c.model.image_size = 224
+  c.model.vit.variant = "Ti/16"
+  c.model.vit.image_size = 224
   c.model.init = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
   c.eval.batch_size = 256
   # The study's settings for its three methods: SGD lr 1e-4, momentum 0.9, 5 epochs.

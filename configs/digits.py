@@ -47,12 +47,12 @@ from jaxunlearn.config import get_base_config
 def get_config():
   c = get_base_config()
   c.data.name = "digits"
-  c.model.image_size = 8
-  c.model.patch_size = 2
-  c.model.hidden_size = 64
-  c.model.depth = 2
-  c.model.num_heads = 4
-  c.model.mlp_dim = 128
+  c.model.vit.image_size = 8
+  c.model.vit.patch_size = 2
+  c.model.vit.hidden_size = 64
+  c.model.vit.depth = 2
+  c.model.vit.num_heads = 4
+  c.model.vit.mlp_dim = 128
   c.train.learning_rate = 0.02
   c.train.epochs = 150
   # The study's three methods with its settings (lr 1e-4, momentum 0.9, no weight

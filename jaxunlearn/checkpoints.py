@@ -65,9 +65,26 @@ def _damaged(path: str, what: str) -> CheckpointError:
                          "or use a new --workdir")
 
 
+# The arrays' layout: 2 since models carry state (a stage's arrays are its variables
+# {"params", ...model state}; a snapshot's {"params", "model_state", "opt"}).
+LAYOUT = 2
+
+
+def _check_record(path: str, record) -> None:
+  """The record is intact (its digest) and of this version's layout."""
+  record = dict(record)
+  if record.pop("record_digest", None) != _record_digest(record):
+    raise _damaged(path, "its record does not match its digest")
+  got = record.get("layout", 1)
+  if got != LAYOUT:
+    raise CheckpointError(f"{path} was written by another jaxunlearn version (checkpoint layout "
+                          f"{got}, this one reads {LAYOUT}); use a new --workdir, or delete "
+                          "that folder to recompute it")
+
+
 def save(path: str, step: int, *, arrays, record: dict, arrays_name: str = "params") -> None:
   """Saves a pytree of arrays and a JSON-able record as one checkpoint step (atomically)."""
-  record = dict(record, arrays_digest=digest(arrays))
+  record = dict(record, layout=LAYOUT, arrays_digest=digest(arrays))
   record["record_digest"] = _record_digest(record)
   try:
     with _LOCK, _manager(path) as mngr:
@@ -88,18 +105,17 @@ def _read(path: str, arrays_name: str, abstract_arrays, with_arrays: bool):
       step = mngr.latest_step()
       if step is None:
         return None
-      args = {"record": ocp.args.JsonRestore()}
+      out = dict(mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore())))
+      _check_record(path, out["record"])  # before the arrays: an old layout would not restore
       if with_arrays:
-        args[arrays_name] = ocp.args.StandardRestore(abstract_arrays)
-      out = mngr.restore(step, args=ocp.args.Composite(**args))
+        out.update(mngr.restore(step, args=ocp.args.Composite(
+            **{arrays_name: ocp.args.StandardRestore(abstract_arrays)})))
   except CheckpointError:
     raise
   except Exception as e:
     raise _damaged(path, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}") from e
   record = dict(out["record"])
-  want = record.pop("record_digest", None)
-  if want != _record_digest(record):
-    raise _damaged(path, "its record does not match its digest")
+  record.pop("record_digest", None)
   if with_arrays and record.get("arrays_digest") != digest(out[arrays_name]):
     raise _damaged(path, "its arrays do not match their digest")
   return (out[arrays_name] if with_arrays else None), record

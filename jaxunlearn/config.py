@@ -6,18 +6,14 @@ with a one-line error that names it and what is allowed.
 """
 from __future__ import annotations
 
-import difflib
-import math
 import os
 import re
 
-import jax.numpy as jnp
 import ml_collections
 
-from jaxunlearn import datasets, model as model_lib
-
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from jaxunlearn import datasets, models, optimizers
+from jaxunlearn.fields import (check_bool, check_float, check_int, check_optimizer, check_str,
+                               closest, fail, field_names, field_value, names)
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -55,38 +51,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   # test images (at least 2 and 1: a forget and a retain example), pixels per side.
   c.data.synthetic = ml_collections.ConfigDict(dict(num_train=50_000, num_test=10_000, image_size=32))
 
-  c.model = ml_collections.ConfigDict()
-  # Registered architecture ("Ti/16", ...), or "" to use the explicit sizes below.
-  c.model.variant = ""
-  # Input resolution in pixels; images are resized to it (bilinear) inside the step.
-  c.model.image_size = 8
-  c.model.patch_size = 2  # pixels per patch side
-  c.model.hidden_size = 64  # token width
-  c.model.depth = 4  # transformer blocks
-  c.model.num_heads = 4
-  c.model.mlp_dim = 128  # hidden units of each block's MLP
-  c.model.layer_norm_eps = 1e-6  # added to the variance in every LayerNorm (> 0)
-  # Compute dtype: "float32" (matches the study) or "bfloat16" (parameters and
-  # optimizer state stay float32; softmax and logits are computed in float32).
-  c.model.dtype = "float32"
-  # Pretrained weights to start from (safetensors file, folder or hub id), or
-  # None to train from a random initialisation. With weights, the architecture
-  # (sizes, LayerNorm eps) is read from the source, and must equal `variant`
-  # when that is set; image_size still sets the input resolution (position
-  # embeddings are resized to it). The head is always re-initialised.
-  c.model.init = ml_collections.FieldReference(None, field_type=str)
+  # The architecture (`jaxunlearn/models/`): name, dtype, weights, one section each.
+  c.model = models.get_config()
 
   # Examples per optimizer step, in total over all devices (every stage).
   c.batch_size = 64
 
   # Original (all training data) and Gold (retrain on the retain set only): the same
   # recipe, from the same initialisation (or pretrained weights). The study's SGD.
-  c.train = ml_collections.ConfigDict(dict(
-      epochs=3,  # passes over the training data
-      learning_rate=1e-4,  # constant
-      momentum=0.9,
-      weight_decay=0.0,  # added to the gradient, as torch.optim.SGD
-  ))
+  # Every training section has the optimizer fields of `optimizers.section_fields`
+  # (SGD, Adam or AdamW as PyTorch's; constant, cosine or step schedule; warm-up).
+  c.train = ml_collections.ConfigDict(optimizers.section_fields(learning_rate=1e-4, epochs=3))
 
   # Unlearning methods to run, comma-separated ("finetune,salun" or "all"); each
   # starts from the Original. Every method's section below holds its hyperparameters,
@@ -146,17 +121,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _fail(field: str, message: str):
-  raise ValueError(f"config.{field}: {message}")
-
-
-def names(value) -> tuple[str, ...]:
-  """A comma-separated list ("a,b", as the command line gives it) or a sequence, as a tuple."""
-  if isinstance(value, str):
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-  return tuple(value)
-
-
 def seed_list(c) -> tuple[int, ...] | None:
   """The seeds of a multi-seed run, or None for a single run of `seed`."""
   parts = names(c.seeds)
@@ -170,73 +134,6 @@ def method_names(c) -> tuple[str, ...]:
   from jaxunlearn.methods import METHODS
   m = names(c.methods)
   return tuple(METHODS) if m == ("all",) else m
-
-
-def field_names(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  """Dotted names of every field of `c` (sections are walked, not listed): "model.depth", ..."""
-  out = []
-  for key, value in c.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      out += field_names(value, f"{prefix}{key}.")
-    else:
-      out.append(prefix + key)
-  return out
-
-
-def closest(name: str, candidates, n: int = 3) -> list[str]:
-  """The `n` candidates most like `name` (difflib's ratio), best first; never empty."""
-  candidates = list(candidates)
-  return difflib.get_close_matches(name, candidates, n=n, cutoff=0.6) or \
-      difflib.get_close_matches(name, candidates, n=n, cutoff=0.0)
-
-
-def field_value(c, field: str):
-  """The value of a dotted field name ("model.depth")."""
-  value = c
-  for part in field.split("."):
-    value = value[part]
-  return value
-
-
-def check_int(c, field: str, low: int = 1, below: int = 2 ** 31):
-  """An int in [low, below); the default bound keeps it an int32, as JAX and numpy take it."""
-  value = field_value(c, field)
-  if not isinstance(value, int) or isinstance(value, bool) or value < low:
-    _fail(field, f"must be an integer >= {low}, got {value!r}")
-  if value >= below:
-    _fail(field, f"must be below {'2**31' if below == 2 ** 31 else below}, got {value}")
-
-
-def check_float(c, field: str, low: float, high: float = math.inf, *, open_low=False,
-                 open_high=True):
-  value = field_value(c, field)
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-  ok = ok and (value > low if open_low else value >= low) and (
-      value < high if open_high else value <= high)
-  if not ok:
-    lo, hi = "(" if open_low else "[", ")" if open_high else "]"
-    _fail(field, f"must be a finite number in {lo}{low}, {high}{hi}, got {value!r}")
-
-
-def check_bool(c, field: str) -> None:
-  value = field_value(c, field)
-  if not isinstance(value, bool):
-    _fail(field, f"must be true or false, got {value!r}")
-
-
-def check_str(c, field: str, what: str = "a string", *, optional: bool = False) -> None:
-  """A string (`optional`: or None, the default of fields that name a file or folder)."""
-  value = field_value(c, field)
-  if not (isinstance(value, str) or (optional and value is None)):
-    _fail(field, f"must be {what}{' or None' if optional else ''}, got {value!r}")
-
-
-def check_optimizer(c, section: str) -> None:
-  """The SGD fields every training section has: epochs, learning_rate, momentum, weight_decay."""
-  check_int(c, f"{section}.epochs")
-  check_float(c, f"{section}.learning_rate", 0, open_low=True)
-  check_float(c, f"{section}.momentum", 0, 1)
-  check_float(c, f"{section}.weight_decay", 0)
 
 
 # At most this many seeds from a count ("5"): each seed is a whole run.
@@ -259,14 +156,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for field in have:
     if field not in base:
       near = ", ".join(f"config.{n}" for n in closest(field, base))
-      _fail(field, f"unknown field; closest: {near}")
+      fail(field, f"unknown field; closest: {near}")
   for field in base:
     if field not in have:
-      _fail(field, "missing; start from config.get_base_config() and change fields")
+      fail(field, "missing; start from config.get_base_config() and change fields")
 
   check_str(c, "data.name")
   if c.data.name not in datasets.NUM_CLASSES:
-    _fail("data.name", f"unknown data set {c.data.name!r}; "
+    fail("data.name", f"unknown data set {c.data.name!r}; "
           f"allowed: {', '.join(datasets.NUM_CLASSES)}")
   num_classes = datasets.NUM_CLASSES[c.data.name]
   check_float(c, "data.test_size", 0, 1, open_low=True)
@@ -283,62 +180,43 @@ def validate(c: ml_collections.ConfigDict) -> None:
   try:
     parts = [int(p) for p in names(c.seeds)]
   except ValueError:
-    _fail("seeds", f"must be comma-separated integers (\"0,1,2\") or a count (\"5\"), "
+    fail("seeds", f"must be comma-separated integers (\"0,1,2\") or a count (\"5\"), "
           f"got {c.seeds!r}")
   count = len(parts) == 1 and 1 <= parts[0] <= MAX_SEEDS
   seeds = len(parts) > 1 and all(0 <= s < 2 ** 31 for s in parts) and len(set(parts)) == len(parts)
   if parts and not (count or seeds):
-    _fail("seeds", f"must name distinct seeds in [0, 2**31) or a count in 1..{MAX_SEEDS}, "
+    fail("seeds", f"must name distinct seeds in [0, 2**31) or a count in 1..{MAX_SEEDS}, "
           f"got {c.seeds!r}")
   check_str(c, "scenario")
   if c.scenario not in ("class", "random"):
-    _fail("scenario", f"unknown scenario {c.scenario!r}; allowed: class, random")
+    fail("scenario", f"unknown scenario {c.scenario!r}; allowed: class, random")
   check_str(c, "forget_class", "a string of class numbers")
   try:
     classes = [int(v) for v in names(c.forget_class)]
   except ValueError:
-    _fail("forget_class", f"must be class numbers, e.g. \"3\" or \"0,3\"; got {c.forget_class!r}")
+    fail("forget_class", f"must be class numbers, e.g. \"3\" or \"0,3\"; got {c.forget_class!r}")
   if not classes:
-    _fail("forget_class", "is empty; name at least one class")
+    fail("forget_class", "is empty; name at least one class")
   for k in classes:
     if not 0 <= k < num_classes:
-      _fail("forget_class", f"{k} is out of range; allowed: 0..{num_classes - 1} for {c.data.name}")
+      fail("forget_class", f"{k} is out of range; allowed: 0..{num_classes - 1} for {c.data.name}")
   if c.scenario == "class" and len(set(classes)) == num_classes:
-    _fail("forget_class", f"forgets every class of {c.data.name}; leave at least one")
+    fail("forget_class", f"forgets every class of {c.data.name}; leave at least one")
   check_float(c, "forget_fraction", 0, 1, open_low=True)
 
-  check_str(c, "model.variant")
-  if c.model.variant and c.model.variant not in model_lib.VARIANTS:
-    _fail("model.variant", f"unknown variant {c.model.variant!r}; allowed: \"\" or "
-          f"{', '.join(model_lib.VARIANTS)}")
-  for field in ("image_size", "patch_size", "hidden_size", "depth", "num_heads", "mlp_dim"):
-    check_int(c, f"model.{field}")
-  check_float(c, "model.layer_norm_eps", 0, open_low=True)
-  check_str(c, "model.dtype")
-  if c.model.dtype not in DTYPES:
-    _fail("model.dtype", f"unknown dtype {c.model.dtype!r}; allowed: {', '.join(DTYPES)}")
-  check_str(c, "model.init", "a file, folder or hub id", optional=True)
-  if not c.model.init:  # with weights, the sizes are the weights' (checked when loaded)
-    sizes = model_lib.model_kwargs(c.model, num_classes)
-    field = "model.variant" if c.model.variant else "model.patch_size"
-    if sizes["image_size"] % sizes["patch_size"]:
-      _fail(field, f"patch size {sizes['patch_size']} does not divide "
-            f"image_size {sizes['image_size']}")
-    field = "model.variant" if c.model.variant else "model.num_heads"
-    if sizes["hidden_size"] % sizes["num_heads"]:
-      _fail(field, f"{sizes['num_heads']} heads do not divide hidden_size {sizes['hidden_size']}")
+  models.validate(c, num_classes)
 
   check_int(c, "batch_size")
   check_optimizer(c, "train")
   check_str(c, "methods", "a comma-separated string")
   methods = method_names(c)
   if not methods:
-    _fail("methods", f"is empty; allowed: any of {', '.join(METHODS)}, or all")
+    fail("methods", f"is empty; allowed: any of {', '.join(METHODS)}, or all")
   for m in methods:
     if m not in METHODS:
-      _fail("methods", f"unknown method {m!r}; allowed: {', '.join(METHODS)}, or all")
+      fail("methods", f"unknown method {m!r}; allowed: {', '.join(METHODS)}, or all")
   if len(set(methods)) != len(methods):
-    _fail("methods", f"lists a method twice: {','.join(methods)}")
+    fail("methods", f"lists a method twice: {','.join(methods)}")
   for m, module in METHODS.items():  # every section, also of methods not run
     module.validate(c, m)
 
@@ -348,7 +226,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check_float(c, "tsne.perplexity", 0, open_low=True)
   if 0 < c.tsne.num_retain + c.tsne.num_forget < 2 and c.batch_size < 2:
     # Whole batches are taken: fewer than 2 points only at batch size 1.
-    _fail("tsne.num_retain", "t-SNE needs 2 points or more: with batch_size 1 set "
+    fail("tsne.num_retain", "t-SNE needs 2 points or more: with batch_size 1 set "
           "num_retain + num_forget >= 2 (both 0 skip it)")
   check_float(c, "checkpoint_every_seconds", 0)
   check_int(c, "checkpoint_every_chunks", 0)
@@ -361,12 +239,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   address = c.cluster.coordinator_address
   host, _, port = address.rpartition(":")
   if address and not (host and re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 2 ** 16):
-    _fail("cluster.coordinator_address", f"must be host:port (\"\": from the environment), "
+    fail("cluster.coordinator_address", f"must be host:port (\"\": from the environment), "
           f"got {address!r}")
   check_int(c, "cluster.num_processes", 0)
   check_int(c, "cluster.process_id", -1)
   if 0 < c.cluster.num_processes <= c.cluster.process_id:
-    _fail("cluster.process_id", f"must be below num_processes {c.cluster.num_processes}, "
+    fail("cluster.process_id", f"must be below num_processes {c.cluster.num_processes}, "
           f"got {c.cluster.process_id}")
   check_int(c, "cluster.timeout_seconds")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -79,15 +80,17 @@ def load(data_config) -> Dataset:
                    f"allowed: {', '.join(NUM_CLASSES)}")
 
 
-def normalize(pixels_BxHxWxC: jax.Array, image_size: int, mean: float = 0.5,
-              std: float = 0.5) -> jax.Array:
-  """Float pixels in [0, 1] -> model input: bilinear resize, then normalise.
+def normalize(pixels_BxHxWxC: jax.Array, image_size: int | None, mean=0.5,
+              std=0.5) -> jax.Array:
+  """Float pixels in [0, 1] -> model input: bilinear resize (None: none), then normalise.
 
   With `pixels = uint8 / pixel_max` this is the study's torchvision pipeline
-  (Resize bilinear, ToTensor, Normalize(0.5, 0.5)).
+  (Resize bilinear, ToTensor, Normalize(0.5, 0.5)). `mean` and `std` are a number
+  or one per channel.
   """
   x = pixels_BxHxWxC
   B, H, W, C = x.shape
-  if (H, W) != (image_size, image_size):
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+  if image_size is not None and (H, W) != (image_size, image_size):
     x = jax.image.resize(x, (B, image_size, image_size, C), method="bilinear")
   return (x - mean) / std

@@ -1,4 +1,4 @@
-"""Evaluation: one pass of a model over each split, then the study's metrics.
+"""Evaluation: one eval-mode pass of a model over each split (`predict`), then the study's metrics.
 
 Per-example metrics are the vmapped functions of `metrics.py`; the summary is one
 jitted reduction. Accuracies are percentages.
@@ -10,6 +10,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn import metrics, privacy
+
+
+def _predict(env, variables, data, *, width: int, num_batches: int):
+  images_N, labels_N = data
+  n = labels_N.shape[0]
+  idx = jnp.minimum(jnp.arange(num_batches * width), n - 1)
+  idx = jax.lax.with_sharding_constraint(idx.reshape(num_batches, -1), env.data.table_sharded)
+
+  def one(idx_B):
+    x = env.data.preprocess(env.data.pixels(images_N[idx_B]))
+    logits, features, _ = env.model.apply(variables, x, train=False)
+    return jax.nn.softmax(logits, axis=-1), features
+
+  probs, feats = jax.lax.map(one, idx)
+  return probs.reshape(-1, probs.shape[-1])[:n], feats.reshape(-1, feats.shape[-1])[:n]
+
+
+predict = jax.jit(_predict, static_argnums=0, static_argnames=("width", "num_batches"))
+predict.__doc__ = """predict(env, variables, (images, labels), width=, num_batches=) -> (probs_NxC, features_NxD).
+
+Every example of a split through the model in eval mode (BatchNorm on its running
+statistics), `num_batches` batches of `width` rows (the last one repeats the last
+example; the extra rows are cut off). `env` is the run's `steps.Env`."""
 
 
 @jax.jit

@@ -14,11 +14,11 @@ from jaxunlearn import losses
 
 def cross_entropy(ctx, params, batch):
   b = batch["data"]
-  logits_BxC, _ = ctx.apply(params, b["image"])
+  logits_BxC, _ = ctx.apply(params, b["image"], mask=b["mask"])
   return losses.cross_entropy(logits_BxC, b["label"], b["mask"]), {}
 
 
 def kl_uniform(ctx, params, batch):
   b = batch["data"]
-  logits_BxC, _ = ctx.apply(params, b["image"])
+  logits_BxC, _ = ctx.apply(params, b["image"], mask=b["mask"])
   return losses.kl_uniform(logits_BxC, b["mask"]), {}

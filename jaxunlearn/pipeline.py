@@ -16,30 +16,13 @@ import numpy as np
 from absl import logging
 
 from jaxunlearn import checkpoints, config as config_lib, datasets, distributed, evaluate, methods
-from jaxunlearn import model as model_lib, report, scenario as scenario_lib, scheduler, train
-from jaxunlearn import workdir as workdir_lib
+from jaxunlearn import models, recipe as recipe_lib, report, scenario as scenario_lib, scheduler
+from jaxunlearn import train, workdir as workdir_lib
 
 
 def build_model(config, data: datasets.Dataset, rng):
-  """The ViT and its initial parameters: pretrained (head re-initialised) or random."""
-  dtype = config_lib.DTYPES[config.model.dtype]
-  if not config.model.init:
-    vit = model_lib.create(config.model, data.num_classes, dtype)
-    return vit, model_lib.init_params(vit, rng, data.train_images.shape[-1])
-  from jaxunlearn import weights
-  kwargs, params = weights.load_pretrained(config.model.init, num_classes=data.num_classes,
-                                           rng=rng, image_size=config.model.image_size)
-  if config.model.variant:
-    want = model_lib.VARIANTS[config.model.variant]
-    got = {k: kwargs[k] for k in want}
-    if got != want:
-      raise ValueError(f"config.model.variant: {config.model.variant} is {want}, but "
-                       f"{config.model.init} holds {got}; set variant to \"\" or match the weights")
-  channels = params["patch_embed"]["kernel"].shape[2]
-  if channels != data.train_images.shape[-1]:
-    raise ValueError(f"config.model.init: the weights take {channels}-channel images, "
-                     f"{config.data.name} has {data.train_images.shape[-1]}")
-  return model_lib.ViT(**kwargs, dtype=dtype), params
+  """The configured architecture (`models.Model`) and its initial variables."""
+  return models.build(config, data.num_classes, data.train_images.shape[1:], rng)
 
 
 # Where each kind of task keeps its checkpoint (folder in the workdir) and its arrays' item name.
@@ -58,9 +41,9 @@ def stage_key(key: jax.Array, name: str) -> jax.Array:
   return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def _stage(trainer, workdir, abstract, name, params, recipe, rng, inputs, config,
+def _stage(trainer, workdir, abstract, name, variables, recipe, rng, inputs, config,
            bar_position=0):
-  """Runs (or restores, or resumes) one training/unlearning stage; returns (params, record).
+  """Runs (or restores, or resumes) one training/unlearning stage; returns (variables, record).
 
   While it trains, its full state is saved to checkpoints/<name>.partial now and
   then (config.checkpoint_every_*), so a killed run resumes inside the stage. An
@@ -78,12 +61,12 @@ def _stage(trainer, workdir, abstract, name, params, recipe, rng, inputs, config
       every_seconds=config.checkpoint_every_seconds)
   optimizers = {p.optimizer.name: p.optimizer for p in recipe.phases}
   resume = snapshots.latest(
-      lambda names: trainer.snapshot_template(params, {n: optimizers[n] for n in names}))
+      lambda names: trainer.snapshot_template(variables, {n: optimizers[n] for n in names}))
   if resume is not None:
     logging.info("%s: resuming at step %d", name, len(resume["loss"]))
   t0 = time.perf_counter()
   try:
-    params, log = trainer.run(params, recipe, rng, desc=name, bar_position=bar_position,
+    variables, log = trainer.run(variables, recipe, rng, desc=name, bar_position=bar_position,
                               snapshots=snapshots if jax.process_count() == 1 else None,
                               resume=resume)
   except train.Diverged as e:
@@ -94,13 +77,13 @@ def _stage(trainer, workdir, abstract, name, params, recipe, rng, inputs, config
     return None, {"diverged_step": e.step, "diverged_phase": e.phase,
                   "seconds": snapshots.seconds_before + time.perf_counter() - t0,
                   "compile_seconds": 0.0, "loss": []}
-  params = jax.block_until_ready(params)
+  variables = jax.block_until_ready(variables)
   seconds = snapshots.seconds_before + time.perf_counter() - t0 - log["compile_seconds"]
   record = {"inputs": inputs, "compile_seconds": log["compile_seconds"], "seconds": seconds,
             "loss": log["loss"]}
-  checkpoints.save(path, len(log["loss"]), arrays=params, record=record)
+  checkpoints.save(path, len(log["loss"]), arrays=variables, record=record)
   checkpoints.remove(path + ".partial")
-  return params, record
+  return variables, record
 
 
 def _workers(config) -> int:
@@ -116,7 +99,7 @@ def _workers(config) -> int:
   return 1
 
 
-def _evaluate(trainer, workdir, name, params, scenario, gold_test_probs, tsne_idx, inputs, seed):
+def _evaluate(trainer, workdir, name, variables, scenario, gold_test_probs, tsne_idx, inputs, seed):
   """Metrics of one model (checkpointed in workdir/eval), its test probabilities and t-SNE features."""
   path, arrays_name = _artifact(workdir, "eval", name)
   restored = checkpoints.restore(path, arrays_name=arrays_name, inputs=inputs)
@@ -125,8 +108,8 @@ def _evaluate(trainer, workdir, name, params, scenario, gold_test_probs, tsne_id
     feats = outputs.get("tsne_features")
     return (record["metrics"], np.asarray(outputs["test_probs"]),
             None if feats is None else np.asarray(feats))
-  train_probs, train_feats = trainer.predict(params, "train")
-  test_probs, test_feats = trainer.predict(params, "test")
+  train_probs, train_feats = trainer.predict(variables, "train")
+  test_probs, test_feats = trainer.predict(variables, "test")
   # Host arrays, as restored ones are, so `summarize` compiles once for all models.
   test_probs = np.asarray(test_probs)
   gold = test_probs if gold_test_probs is None else np.asarray(gold_test_probs)
@@ -216,18 +199,19 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dic
   data = data if data is not None else datasets.load(config.data)
   scene = scenario_lib.from_config(config, data)
   key = jax.random.key(config.seed)
-  vit, init_params = build_model(config, data, jax.random.fold_in(key, 0))
+  model, init_variables = build_model(config, data, jax.random.fold_in(key, 0))
   # Input checked, data and weights found: only now is anything written.
   with workdir_lib.claim(config, workdir) as config_dict:
     trainer = train.Trainer(
-        vit, data, scene.pools(), batch_size=config.batch_size,
+        model, data, scene.pools(), batch_size=config.batch_size,
         steps_per_chunk=config.steps_per_chunk, eval_batch_size=config.eval.batch_size,
         progress=config.progress)
-    logging.info("%s: %s / %d test examples; ViT with %s parameters; %d device(s)",
-                 config.data.name, scene.describe(), len(data.test_labels),
-                 f"{model_lib.num_params(init_params):,}", jax.device_count())
+    logging.info("%s: %s / %d test examples; %s with %s parameters; %d device(s)",
+                 config.data.name, scene.describe(), len(data.test_labels), config.model.name,
+                 f"{models.num_params(init_variables['params']):,}", jax.device_count())
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated), init_params)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated),
+        init_variables)
 
     method_names = config_lib.method_names(config)
     modules = {**methods.TRAINING, **{m: methods.METHODS[m] for m in method_names}}
@@ -258,8 +242,12 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dic
     # (the others' JSD needs Gold's) and t-SNE. Several run at once on a multi-core CPU;
     # the longest chain (Original, then its longest method) goes first. Results do not
     # depend on the order: every stage has its own random key and checkpoint.
-    recipes = {m: module.recipe(config[methods.section_name(m)]) for m, module in modules.items()}
-    cost = {m: sum(trainer.steps_in(p) * len(p.streams) for p in r.phases) for m, r in recipes.items()}
+    recipes = {}
+    for m, module in modules.items():
+      section = config[methods.section_name(m)]
+      recipes[m] = recipe_lib.with_batch_size(module.recipe(section), section.get("batch_size"))
+    cost = {m: sum(trainer.steps_in(p) * sum(trainer.stream_batch(s) for s in p.streams.values())
+                   for p in r.phases) for m, r in recipes.items()}
     longest_method = max([cost[m] for m in method_names] or [0])
     bars = scheduler.BarSlots()
 
@@ -267,7 +255,7 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dic
       parent = None if name in methods.TRAINING else "original"
 
       def fn(results, idle):
-        start = init_params if parent is None else results[parent][0]
+        start = init_variables if parent is None else results[parent][0]
         with bars.take() as slot:
           return _stage(trainer, workdir, abstract, name, start, recipes[name],
                         stage_key(key, name), inputs[f"stage/{name}"], config, bar_position=slot)
@@ -292,11 +280,11 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dic
                      threads=None if workers == 1 else 1 + idle, inputs=inputs[f"tsne/{name}"])
       return scheduler.Task(fn, deps=(f"eval/{name}",), priority=-2)
 
-    models = list(modules)
-    tasks = {name: stage_task(name) for name in models}
-    tasks.update({f"eval/{name}": eval_task(name) for name in models})
+    stages = list(modules)
+    tasks = {name: stage_task(name) for name in stages}
+    tasks.update({f"eval/{name}": eval_task(name) for name in stages})
     if len(tsne_idx):
-      tasks.update({f"tsne/{name}": tsne_task(name) for name in models})
+      tasks.update({f"tsne/{name}": tsne_task(name) for name in stages})
     import threadpoolctl  # scikit-learn's dependency
     # numpy's BLAS (t-SNE's PCA) one thread per task while tasks share the cores: its
     # threads spin-wait beside XLA's. Process-wide, so set here once, not per task.
@@ -304,17 +292,17 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dic
       done = scheduler.run_tasks(tasks, workers, trainer.cancel)
 
     results = {}
-    for name in models:
+    for name in stages:
       record = done[name][1]
       results[name] = dict(done[f"eval/{name}"][0], seconds=record["seconds"],
                            compile_seconds=record["compile_seconds"])
-    for name in models:
+    for name in stages:
       if "diverged_step" not in results[name]:
         results[name].update(evaluate.gaps_to_gold(results[name], results["retrain"]))
-    figures = {"loss_curves.png": report.loss_figure({m: done[m][1]["loss"] for m in models}, names)}
+    figures = {"loss_curves.png": report.loss_figure({m: done[m][1]["loss"] for m in stages}, names)}
     if len(tsne_idx):
       figures["tsne.png"] = report.tsne_figure(
-          {m: done[f"tsne/{m}"] for m in models if done[f"tsne/{m}"] is not None},
+          {m: done[f"tsne/{m}"] for m in stages if done[f"tsne/{m}"] is not None},
           scene.forget_train[tsne_idx], names)
     if jax.process_index() == 0:
       print(report.write(workdir, config_dict, results, names, figures))

@@ -31,7 +31,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jaxunlearn import model as model_lib
+from jaxunlearn.models import vit as model_lib
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

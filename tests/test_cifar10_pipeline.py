@@ -29,7 +29,7 @@ def test_cifar10_config_runs_end_to_end_from_the_command_line(tmp_path):
   cmd = [sys.executable, "-m", "jaxunlearn.main",
          "--config", os.path.join(ROOT, "configs", "cifar10_vit_tiny.py"), "--workdir", str(workdir),
          f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.model.init={tmp_path / 'weights'}",
-         "--config.model.variant=", "--config.model.image_size=48",  # exercises the resize
+         "--config.model.vit.variant=", "--config.model.vit.image_size=48",  # exercises the resize
          "--config.train.epochs=1", "--config.finetune.epochs=1", "--config.gradient_ascent.epochs=1",
          "--config.two_stage.epochs=1", "--config.batch_size=16",
          "--config.tsne.num_retain=16", "--config.tsne.num_forget=4", "--config.progress=false"]
@@ -39,7 +39,7 @@ def test_cifar10_config_runs_end_to_end_from_the_command_line(tmp_path):
   with open(workdir / "results.json") as f:
     results = json.load(f)
   assert results["config"]["data"]["name"] == "cifar10"
-  assert results["config"]["model"]["image_size"] == 48
+  assert results["config"]["model"]["vit"]["image_size"] == 48
   assert set(results["models"]) == {"original", "retrain", "finetune", "gradient_ascent", "two_stage"}
   assert results["models"]["retrain"]["forget_test_acc"] == 0
   assert (workdir / "tsne.png").exists()

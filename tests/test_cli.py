@@ -38,7 +38,12 @@ def input_error(*args, **kwargs) -> str:
 
 def _sgd(section):
   return [(f"{section}.epochs", "0"), (f"{section}.learning_rate", "nan"),
-          (f"{section}.momentum", "1"), (f"{section}.weight_decay", "-1")]
+          (f"{section}.momentum", "1"), (f"{section}.weight_decay", "-1"),
+          (f"{section}.optimizer", "rmsprop"), (f"{section}.beta2", "1"),
+          (f"{section}.eps", "0"), (f"{section}.schedule", "linear"),
+          (f"{section}.final_learning_rate", "-1"), (f"{section}.decay_epochs", "0"),
+          (f"{section}.decay_factor", "0"), (f"{section}.warmup_epochs", "-1"),
+          (f"{section}.batch_size", "-1")]
 
 
 # One bad command-line value for every field of the base config.
@@ -47,13 +52,14 @@ BAD_VALUES = [
     ("forget_fraction", "1.0"), ("data.name", "mnist"), ("data.test_size", "0"),
     ("data.split_seed", "-1"), ("data.prepare", "maybe"), ("data.synthetic.num_train", "1"),
     ("data.synthetic.num_test", "0"), ("data.synthetic.image_size", "0"),
-    ("model.variant", "Ti/32"), ("model.image_size", "0"), ("model.patch_size", "0"),
-    ("model.hidden_size", "-64"), ("model.depth", "0"), ("model.num_heads", "0"),
-    ("model.mlp_dim", "0"), ("model.layer_norm_eps", "0"), ("model.dtype", "float16"),
+    ("model.vit.variant", "Ti/32"), ("model.vit.image_size", "0"), ("model.vit.patch_size", "0"),
+    ("model.vit.hidden_size", "-64"), ("model.vit.depth", "0"), ("model.vit.num_heads", "0"),
+    ("model.vit.mlp_dim", "0"), ("model.vit.layer_norm_eps", "0"), ("model.dtype", "float16"),
+    ("model.name", "resnet19"), ("model.resnet.width", "0"), ("model.resnet.stage_sizes", "2,,2"),
     ("batch_size", "0"), *_sgd("train"), ("methods", "finetune,unlearn_everything"),
     *[case for m in METHODS if "epochs" in METHODS[m].get_config() for case in _sgd(m)],
     ("boundary_shrinking.bound", "0"), ("fcs.temperature", "0"),
-    ("fcs.final_learning_rate", "inf"), ("fcs.stage1_learning_rate", "0"),
+    ("fcs.stage1_learning_rate", "0"), ("scrub.forget_batch_size", "-1"), ("ssd.batch_size", "-1"),
     ("fcs.retain_learning_rate", "-1"), ("fcs.retain_weight_decay", "-inf"),
     ("l1_sparse.alpha", "-1"), ("neggrad_plus.alpha", "1.5"), ("salun.mask_fraction", "0"),
     ("scrub.temperature", "0"), ("scrub.gamma", "nan"), ("scrub.alpha", "-1"),
@@ -81,10 +87,10 @@ def test_bad_value_names_its_field(field, value):
 
 
 @pytest.mark.parametrize("arg, message", [
-    ("--config.nosuchfield=1", "--config.nosuchfield: no such field; closest: --config.seed"),
+    ("--config.nosuchfield=1", "--config.nosuchfield: no such field; closest: --config.train.schedule"),
     ("--config.learning_rate=0.1", "--config.learning_rate: no such field; closest: "
      "--config.fcs.learning_rate, --config.train.learning_rate"),
-    ("--config.model.dept=2", "--config.model.dept: no such field; closest: --config.model.depth"),
+    ("--config.model.dept=2", "--config.model.dept: no such field; closest: --config.model.vit.depth"),
     ("--config.seed.x=1", "--config.seed.x: no such field; closest: --config.seed"),
     ("--config.model={}", "--config.model is a section; set its fields, e.g. --config.model."),
     ("--config.batch_size=abc", "--config.batch_size: must be an integer, got 'abc'"),
@@ -92,13 +98,13 @@ def test_bad_value_names_its_field(field, value):
     ("--config.progress=", "--config.progress: must be true or false, got ''"),
     ("--config.tsne.perplexity=0", "config.tsne.perplexity: must be a finite number in (0, inf)"),
     ("--config.train.learning_rate=inf", "config.train.learning_rate: must be a finite number"),
-    ("--config.model.depth=0", "config.model.depth: must be an integer >= 1"),
+    ("--config.model.vit.depth=0", "config.model.vit.depth: must be an integer >= 1"),
     ("--config.data.synthetic.num_train=0",
      "config.data.synthetic.num_train: must be an integer >= 2"),
     ("--config.batch_size=3000000000", "config.batch_size: must be below 2**31"),
     ("--config.seeds=100000000", "config.seeds: must name distinct seeds in [0, 2**31) or a count"),
-    ("--config.model.variant=Ti/16",
-     "config.model.variant: patch size 16 does not divide image_size 8"),
+    ("--config.model.vit.variant=Ti/16",
+     "config.model.vit.variant: patch size 16 does not divide image_size 8"),
     ("--workdirr=x", "Unknown command line flag 'workdirr'"),
     ("stray", "unexpected arguments: 'stray'"),
 ])

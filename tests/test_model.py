@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax as np_softmax
 
-from jaxunlearn import model
+from jaxunlearn.models import vit as model
 
 rng = np.random.default_rng(0)
 

@@ -21,8 +21,8 @@ from jaxunlearn import checkpoints, distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("original", "retrain", "gradient_ascent")
-TINY = ["--config.model.patch_size=4", "--config.model.hidden_size=16", "--config.model.depth=1",
-        "--config.model.num_heads=2", "--config.model.mlp_dim=32", "--config.train.epochs=2",
+TINY = ["--config.model.vit.patch_size=4", "--config.model.vit.hidden_size=16", "--config.model.vit.depth=1",
+        "--config.model.vit.num_heads=2", "--config.model.vit.mlp_dim=32", "--config.train.epochs=2",
         "--config.methods=gradient_ascent", "--config.gradient_ascent.epochs=2",
         "--config.tsne.num_forget=0", "--config.tsne.num_retain=0", "--config.progress=false",
         "--config.batch_size=256"]

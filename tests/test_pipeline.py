@@ -28,8 +28,8 @@ def load_config(name):
 
 def tiny_config():
   c = load_config("digits")
-  c.model.patch_size, c.model.hidden_size, c.model.depth = 4, 16, 1
-  c.model.num_heads, c.model.mlp_dim = 2, 32
+  c.model.vit.patch_size, c.model.vit.hidden_size, c.model.vit.depth = 4, 16, 1
+  c.model.vit.num_heads, c.model.vit.mlp_dim = 2, 32
   c.train.epochs, c.train.learning_rate = 10, 0.05
   for m in ("finetune", "gradient_ascent", "two_stage"):
     c[m].epochs = 1
@@ -165,7 +165,7 @@ def test_a_method_gives_the_same_result_in_any_method_list(run, tmp_path):
     ("train.epochs", -2, "config.train.epochs: must be an integer >= 1"),
     ("finetune.epochs", 0, "config.finetune.epochs: must be an integer >= 1"),
     ("data.name", "mnist", "config.data.name: unknown data set 'mnist'; allowed: digits, cifar10, synthetic"),
-    ("model.variant", "Ti/32", "config.model.variant: unknown variant"),
+    ("model.vit.variant", "Ti/32", "config.model.vit.variant: unknown variant"),
     ("train.learning_rate", 0.0, "config.train.learning_rate: must be a finite number in (0, inf)"),
     ("train.learning_rate", float("inf"), "config.train.learning_rate: must be a finite number"),
     ("train.momentum", 1.0, "config.train.momentum: must be a finite number in [0, 1)"),
@@ -316,7 +316,8 @@ def test_compilation_cache_is_used_unless_jax_has_one(tmp_path):
   # In a fresh process without one, a compile lands in the config's folder.
   script = (
       "import jax, jax.numpy as jnp\n"
-      "from jaxunlearn import pipeline, model\n"
+      "from jaxunlearn import pipeline\n"
+      "from jaxunlearn.models import vit as model\n"
       f"pipeline.use_compilation_cache({str(tmp_path / 'cache')!r})\n"
       "vit = model.ViT(num_classes=10, image_size=8, patch_size=2, hidden_size=64, depth=2,\n"
       "                num_heads=4, mlp_dim=128)\n"
@@ -350,8 +351,8 @@ def test_cli_runs_a_comma_separated_method_list(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "jaxunlearn.main", "--config", os.path.join(ROOT, "configs/digits.py"),
        "--workdir", str(workdir), "--config.methods=two_stage,ssd",
-       "--config.model.patch_size=4", "--config.model.hidden_size=16", "--config.model.depth=1",
-       "--config.model.num_heads=2", "--config.model.mlp_dim=32", "--config.train.epochs=2",
+       "--config.model.vit.patch_size=4", "--config.model.vit.hidden_size=16", "--config.model.vit.depth=1",
+       "--config.model.vit.num_heads=2", "--config.model.vit.mlp_dim=32", "--config.train.epochs=2",
        "--config.two_stage.epochs=1", "--config.tsne.num_forget=0", "--config.tsne.num_retain=0",
        "--config.progress=false"],
       capture_output=True, text=True, cwd=ROOT, timeout=300)

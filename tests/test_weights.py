@@ -14,7 +14,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from jaxunlearn import model as model_lib
+from jaxunlearn.models import vit as model_lib
 from jaxunlearn import weights
 
 TOL = 1e-4

@@ -9,11 +9,14 @@ Then minimise CE(model(x), neighbour label) over forget batches; SGD momentum
 The frozen model never changes and FGSM is deterministic, so the labels are
 computed once, in one compiled pass (the same labels the reference recomputes
 each epoch). Pixels are perturbed at their stored resolution, before the resize.
+
+Modes: FGSM and the neighbour labels on the frozen copy in eval mode (a sweep;
+`test_model.eval()` in the reference), the training passes in train mode.
 """
 import jax
 import jax.numpy as jnp
 
-from jaxunlearn import config as config_lib, losses, train
+from jaxunlearn import fields, losses, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "Boundary Shrinking"
@@ -27,26 +30,27 @@ def neighbour_labels(ctx, params, batch):
   """FGSM on the (frozen) starting model: the label it gives the perturbed image."""
   b = batch["data"]
   def ce(x):
-    return losses.cross_entropy(ctx.apply(params, x)[0], b["label"], b["mask"])
+    return losses.cross_entropy(ctx.apply(params, x, mask=b["mask"])[0], b["label"], b["mask"])
   x_adv = jnp.clip(b["image"] + ctx.hp["bound"] * jnp.sign(jax.grad(ce)(b["image"])), 0, 1)
   x_adv = jnp.round(x_adv * 255) / 255
-  return {"neighbour": jnp.argmax(ctx.apply(params, x_adv)[0], axis=-1).astype(jnp.int32)}, ()
+  logits_BxC, _ = ctx.apply(params, x_adv, mask=b["mask"])
+  return {"neighbour": jnp.argmax(logits_BxC, axis=-1).astype(jnp.int32)}, ()
 
 
 def shrink(ctx, params, batch):
   b = batch["data"]
-  logits_BxC, _ = ctx.apply(params, b["image"])
+  logits_BxC, _ = ctx.apply(params, b["image"], mask=b["mask"])
   return losses.cross_entropy(logits_BxC, b["neighbour"], b["mask"]), {}
 
 
 def recipe(s):
-  def prepare(trainer, params):
-    tables, _ = trainer.sweep(neighbour_labels, params, "forget", hparams={"bound": s.bound})
+  def prepare(trainer, variables):
+    tables, _ = trainer.sweep(neighbour_labels, variables, "forget", hparams={"bound": s.bound})
     return train.Inputs(tables=tables)
   return train.Recipe([train.Phase("shrink", shrink, {"data": train.Stream("forget", epochs=s.epochs)},
-                                   base.sgd(s))], prepare=prepare)
+                                   base.optimizer(s))], prepare=prepare)
 
 
 def validate(c, name):
-  base.validate_sgd(c, name)
-  config_lib.check_float(c, f"{name}.bound", 0, 1, open_low=True, open_high=False)
+  base.validate_optimizer(c, name)
+  fields.check_float(c, f"{name}.bound", 0, 1, open_low=True, open_high=False)

@@ -13,33 +13,40 @@ retain set of cross-entropy (lr 1e-3 * batch / 64 = 4e-3 at the reference's batc
 How the study's two-stage (`two_stage.py`) differs: one stage-1 step, one
 optimizer with a constant lr, and in stage 2 the contrastive term and the retain
 cross-entropy summed in one step, with both batches cut to their common size.
+
+Modes: train mode in every stage; the forget and retain batches of a forget round are
+two forward passes (each its own BatchNorm statistics; running statistics updated
+twice per step, forget first), as `kgltop1.py`.
 """
-from jaxunlearn import config as config_lib, losses, objectives, train
+from jaxunlearn import fields, losses, objectives, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "FCS"
 
 
 def get_config():
+  # The section's optimizer is the forget rounds' (cosine to final_learning_rate over
+  # all their steps); stage 1 and the retain passes have their own, constant rates.
   return base.section(
-      learning_rate=3e-4, epochs=8, temperature=1.15,
-      final_learning_rate=1e-6,  # forget rounds: cosine decay to this
-      stage1_learning_rate=5e-3,
+      learning_rate=3e-4, epochs=8, temperature=1.15, schedule="cosine",
+      final_learning_rate=1e-6, stage1_learning_rate=5e-3,
       retain_learning_rate=4e-3, retain_weight_decay=1e-2)
 
 
 def contrastive(ctx, params, batch):
   f, r = batch["forget"], batch["retain"]
-  z_f, _ = ctx.apply(params, f["image"])
-  z_r, _ = ctx.apply(params, r["image"])
+  z_f, _ = ctx.apply(params, f["image"], mask=f["mask"])
+  z_r, _ = ctx.apply(params, r["image"], mask=r["mask"])
   return losses.contrastive(z_f, z_r, f["mask"], r["mask"], ctx.hp["temperature"]), {}
 
 
 def recipe(s):
-  stage1 = base.sgd(s, "stage1", learning_rate=s.stage1_learning_rate, weight_decay=0.0)
-  forget = base.sgd(s, "forget", final_learning_rate=s.final_learning_rate)
-  retain = base.sgd(s, "retain", learning_rate=s.retain_learning_rate,
-                    weight_decay=s.retain_weight_decay)
+  constant = dict(schedule="constant", warmup_epochs=0.0)
+  stage1 = base.optimizer(s, "stage1", learning_rate=s.stage1_learning_rate, weight_decay=0.0,
+                          **constant)
+  forget = base.optimizer(s, "forget")
+  retain = base.optimizer(s, "retain", learning_rate=s.retain_learning_rate,
+                          weight_decay=s.retain_weight_decay, **constant)
   phases = [train.Phase("stage1", objectives.kl_uniform, {"data": train.Stream("forget", epochs=1)},
                         stage1)]
   for e in range(s.epochs):
@@ -53,8 +60,8 @@ def recipe(s):
 
 
 def validate(c, name):
-  base.validate_sgd(c, name)
-  config_lib.check_float(c, f"{name}.temperature", 0, open_low=True)
-  for field in ("final_learning_rate", "stage1_learning_rate", "retain_learning_rate"):
-    config_lib.check_float(c, f"{name}.{field}", 0, open_low=True)
-  config_lib.check_float(c, f"{name}.retain_weight_decay", 0)
+  base.validate_optimizer(c, name)
+  fields.check_float(c, f"{name}.temperature", 0, open_low=True)
+  for field in ("stage1_learning_rate", "retain_learning_rate"):
+    fields.check_float(c, f"{name}.{field}", 0, open_low=True)
+  fields.check_float(c, f"{name}.retain_weight_decay", 0)

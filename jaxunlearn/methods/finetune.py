@@ -4,6 +4,9 @@ Reference: Jia et al., "Model Sparsity Can Simplify Machine Unlearning" (NeurIPS
 2023), OPTML-Group/Unlearn-Sparse `unlearn/FT.py`: one pass over the retain set per
 epoch, SGD momentum 0.9, weight decay 5e-4, lr 0.01, 10 epochs. (The study's
 fine-tuning is the same with lr 1e-4 and 5 epochs: the study configs set that.)
+
+Modes: train mode (BatchNorm on batch statistics, running ones updated), as `FT.py`'s
+`model.train()` loop.
 """
 from jaxunlearn import objectives, train
 from jaxunlearn.methods import base
@@ -17,7 +20,7 @@ def get_config():
 
 def recipe(s):
   return train.Recipe([train.Phase("finetune", objectives.cross_entropy,
-                                   {"data": train.Stream("retain", epochs=s.epochs)}, base.sgd(s))])
+                                   {"data": train.Stream("retain", epochs=s.epochs)}, base.optimizer(s))])
 
 
-validate = base.validate_sgd
+validate = base.validate_optimizer

@@ -3,6 +3,8 @@
 Reference: Unlearn-Sparse `unlearn/GA.py` (Thudi et al. 2022; Jia et al. 2023):
 minimise -CE on forget batches, SGD momentum 0.9, weight decay 5e-4, lr 1e-4
 (class-wise; maintainers grid-search it in [1e-5, 0.1]), 5 epochs.
+
+Modes: train mode, as `GA.py`'s `model.train()` loop.
 """
 from jaxunlearn import objectives, train
 from jaxunlearn.methods import base
@@ -17,8 +19,8 @@ def get_config():
 def recipe(s):
   # Minus the cross-entropy, minimised: the step CE training compiled, run with sign -1.
   return train.Recipe([train.Phase("ascent", objectives.cross_entropy,
-                                   {"data": train.Stream("forget", epochs=s.epochs)}, base.sgd(s),
+                                   {"data": train.Stream("forget", epochs=s.epochs)}, base.optimizer(s),
                                    sign=-1.0)])
 
 
-validate = base.validate_sgd
+validate = base.validate_optimizer

@@ -5,8 +5,10 @@ Reference: Jia et al., "Model Sparsity Can Simplify Machine Unlearning" (NeurIPS
 over every parameter, a_e = alpha * (1 - e / epochs) in epoch e (constant within
 an epoch, linear to 0 over the run), SGD momentum 0.9, weight decay 5e-4, lr 0.01,
 10 epochs. alpha is searched there (5e-5 .. 5e-4); 1e-4 here.
+
+Modes: train mode, as `FT.py` (FT_l1).
 """
-from jaxunlearn import config as config_lib, losses, train
+from jaxunlearn import fields, losses, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "l1-sparse"
@@ -18,14 +20,14 @@ def get_config():
 
 def ce_l1(ctx, params, batch):
   b = batch["data"]
-  logits_BxC, _ = ctx.apply(params, b["image"])
+  logits_BxC, _ = ctx.apply(params, b["image"], mask=b["mask"])
   ce = losses.cross_entropy(logits_BxC, b["label"], b["mask"])
   l1 = losses.l1_norm(params)
   return ce + ctx.hp["alpha"] * l1, {"l1": l1}
 
 
 def recipe(s):
-  opt = base.sgd(s)
+  opt = base.optimizer(s)
   # One phase per epoch: its coefficient is a traced value, so all share one compile.
   return train.Recipe([
       train.Phase(f"epoch{e}", ce_l1, {"data": train.Stream("retain", epochs=1)}, opt,
@@ -33,5 +35,5 @@ def recipe(s):
 
 
 def validate(c, name):
-  base.validate_sgd(c, name)
-  config_lib.check_float(c, f"{name}.alpha", 0)
+  base.validate_optimizer(c, name)
+  fields.check_float(c, f"{name}.alpha", 0)

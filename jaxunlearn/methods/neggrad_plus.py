@@ -5,8 +5,12 @@ xcadet/deepunlearn `munl/unlearning/neggradplus.py`, kairanzhao/RUM
 `unlearn/neggrad.py`: loss = alpha * CE(retain batch) - (1 - alpha) * CE(forget
 batch); the retain set drives the epoch, forget batches cycle. deepunlearn's
 defaults: alpha 0.95, SGD lr 0.01, momentum 0.9, weight decay 0, 10 epochs.
+
+Modes: train mode for both passes, retain batch first, then forget batch, as RUM's
+`neggrad.py` (`model.train()`); deepunlearn's `neggradplus.py` runs them in eval mode.
+We follow RUM, the training-loop convention of every other reference here.
 """
-from jaxunlearn import config as config_lib, losses, train
+from jaxunlearn import fields, losses, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "NegGrad+"
@@ -18,8 +22,10 @@ def get_config():
 
 def retain_minus_forget(ctx, params, batch):
   f, r = batch["forget"], batch["retain"]
-  ce_r = losses.cross_entropy(ctx.apply(params, r["image"])[0], r["label"], r["mask"])
-  ce_f = losses.cross_entropy(ctx.apply(params, f["image"])[0], f["label"], f["mask"])
+  ce_r = losses.cross_entropy(ctx.apply(params, r["image"], mask=r["mask"])[0], r["label"],
+                              r["mask"])
+  ce_f = losses.cross_entropy(ctx.apply(params, f["image"], mask=f["mask"])[0], f["label"],
+                              f["mask"])
   a = ctx.hp["alpha"]
   return a * ce_r - (1 - a) * ce_f, {"retain_ce": ce_r, "forget_ce": ce_f}
 
@@ -28,9 +34,9 @@ def recipe(s):
   return train.Recipe([train.Phase(
       "neggrad_plus", retain_minus_forget,
       {"retain": train.Stream("retain", epochs=s.epochs), "forget": train.Stream("forget")},
-      base.sgd(s), hparams={"alpha": s.alpha})])
+      base.optimizer(s), hparams={"alpha": s.alpha})])
 
 
 def validate(c, name):
-  base.validate_sgd(c, name)
-  config_lib.check_float(c, f"{name}.alpha", 0, 1, open_high=False)
+  base.validate_optimizer(c, name)
+  fields.check_float(c, f"{name}.alpha", 0, 1, open_high=False)

@@ -2,6 +2,8 @@
 
 Trained from the run's initialisation (random, or pretrained weights with a fresh
 head) with `config.train`; every unlearning method starts from it.
+
+Modes: train mode, as Unlearn-Sparse `main_train.py`; evaluation in eval mode.
 """
 from jaxunlearn import objectives, train
 from jaxunlearn.methods import base
@@ -13,4 +15,4 @@ POOL = "all"
 
 def recipe(s, pool: str = POOL) -> train.Recipe:
   return train.Recipe([train.Phase("train", objectives.cross_entropy,
-                                   {"data": train.Stream(pool, epochs=s.epochs)}, base.sgd(s))])
+                                   {"data": train.Stream(pool, epochs=s.epochs)}, base.optimizer(s))])

@@ -6,6 +6,8 @@ each epoch is a pass over the forget set with labels drawn uniformly from all C
 classes (the true class included; fresh for every batch), then a pass over the
 retain set with true labels; cross-entropy, one SGD (momentum 0.9, weight decay
 5e-4) across both. lr 0.013, 10 epochs (the SalUn README's setting).
+
+Modes: train mode in both passes, as `RL.py`.
 """
 import jax
 
@@ -22,12 +24,12 @@ def get_config():
 def random_label_ce(ctx, params, batch):
   b = batch["data"]
   labels_B = jax.random.randint(ctx.rng, b["label"].shape, 0, ctx.num_classes)
-  logits_BxC, _ = ctx.apply(params, b["image"])
+  logits_BxC, _ = ctx.apply(params, b["image"], mask=b["mask"])
   return losses.cross_entropy(logits_BxC, labels_B, b["mask"]), {}
 
 
 def phases(s) -> list[train.Phase]:
-  opt = base.sgd(s)
+  opt = base.optimizer(s)
   out = []
   for e in range(s.epochs):
     out += [train.Phase(f"forget{e}", random_label_ce, {"data": train.Stream("forget", epochs=1)}, opt),
@@ -40,4 +42,4 @@ def recipe(s):
   return train.Recipe(phases(s))
 
 
-validate = base.validate_sgd
+validate = base.validate_optimizer

@@ -11,11 +11,14 @@ outside the mask are restored after every step and their momentum zeroed, becaus
 weight decay still moved them: here gradient and update are both masked, so
 nothing outside the mask changes, momentum included. Defaults: mask fraction 0.5,
 RL's lr 0.013, 10 epochs, weight decay 5e-4.
+
+Modes: the mask sweep in eval mode (`generate_mask.py` calls `model.eval()`), the
+RL passes in train mode.
 """
 import jax
 import jax.numpy as jnp
 
-from jaxunlearn import config as config_lib, losses, train
+from jaxunlearn import fields, losses, train
 from jaxunlearn.methods import base, random_labels
 
 DISPLAY_NAME = "SalUn"
@@ -30,7 +33,8 @@ def get_config():
 def _forget_gradient(ctx, params, batch):
   b = batch["data"]
   def neg_ce(p):
-    return -losses.cross_entropy(ctx.apply(p, b["image"])[0], b["label"], b["mask"])
+    return -losses.cross_entropy(ctx.apply(p, b["image"], mask=b["mask"])[0],
+                                 b["label"], b["mask"])
   return {}, jax.grad(neg_ce)(params)
 
 
@@ -55,12 +59,12 @@ def _top_k_mask(grads, k):
 
 
 def recipe(s):
-  def prepare(trainer, params):
-    _, grads = trainer.sweep(_forget_gradient, params, "forget")
+  def prepare(trainer, variables):
+    _, grads = trainer.sweep(_forget_gradient, variables, "forget")
     return train.Inputs(update_mask=saliency_mask(grads, s.mask_fraction))
   return train.Recipe(random_labels.phases(s), prepare=prepare)
 
 
 def validate(c, name):
-  base.validate_sgd(c, name)
-  config_lib.check_float(c, f"{name}.mask_fraction", 0, 1, open_low=True, open_high=False)
+  base.validate_optimizer(c, name)
+  fields.check_float(c, f"{name}.mask_fraction", 0, 1, open_low=True, open_high=False)

@@ -7,12 +7,16 @@ meghdadk/SCRUB `thirdparty/repdistiller/helper/loops.py` (train_distill) and
 over the forget set minimising -KL_T; then a min pass over the retain set
 minimising gamma * CE + alpha * KL_T. One SGD across all passes. Large-scale
 defaults: T 4, gamma 0.99, alpha 0.001, msteps 2, 3 epochs, lr 5e-4, momentum 0.9,
-weight decay 5e-4. (The reference uses forget batches of 512 and retain batches
-of 256; here both use config.batch_size.) The teacher's logits are computed once
+weight decay 5e-4. The reference's batches are 512 (forget) and 256 (retain):
+`forget_batch_size` and `batch_size` set them (0: config.batch_size, the
+default, which keeps the small digits runs meaningful). The teacher's logits are computed once
 for every training example (`base.logits_table`): the same numbers as a frozen
 teacher's forward in each step, at a fraction of the cost.
+
+Modes: the student in train mode in both passes, the teacher in eval mode
+(`model_t.eval()`): its logits table comes from an eval-mode sweep.
 """
-from jaxunlearn import config as config_lib, losses, train
+from jaxunlearn import fields, losses, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "SCRUB"
@@ -20,11 +24,12 @@ DISPLAY_NAME = "SCRUB"
 
 def get_config():
   return base.section(learning_rate=5e-4, epochs=3, weight_decay=5e-4, temperature=4.0,
-                      gamma=0.99, alpha=0.001, max_epochs=2)
+                      gamma=0.99, alpha=0.001, max_epochs=2,
+                      forget_batch_size=0)  # the max passes' batch (0: the section's batch_size)
 
 
 def _kl(ctx, params, b):
-  logits_BxC, _ = ctx.apply(params, b["image"])
+  logits_BxC, _ = ctx.apply(params, b["image"], mask=b["mask"])
   return logits_BxC, losses.distill_kl(logits_BxC, b["teacher_logits"], b["mask"],
                                        ctx.hp["temperature"])
 
@@ -42,12 +47,13 @@ def min_step(ctx, params, batch):
 
 
 def recipe(s):
-  opt = base.sgd(s)
+  opt = base.optimizer(s)
   phases = []
   for e in range(1, s.epochs + 1):
     if e <= s.max_epochs:
-      phases.append(train.Phase(f"max{e}", max_step, {"data": train.Stream("forget", epochs=1)},
-                                opt, hparams={"temperature": s.temperature}))
+      forget = train.Stream("forget", epochs=1, batch_size=s.forget_batch_size or None)
+      phases.append(train.Phase(f"max{e}", max_step, {"data": forget}, opt,
+                                hparams={"temperature": s.temperature}))
     phases.append(train.Phase(f"min{e}", min_step, {"data": train.Stream("retain", epochs=1)},
                               opt, hparams={"temperature": s.temperature, "gamma": s.gamma,
                                             "alpha": s.alpha}))
@@ -55,8 +61,9 @@ def recipe(s):
 
 
 def validate(c, name):
-  base.validate_sgd(c, name)
-  config_lib.check_float(c, f"{name}.temperature", 0, open_low=True)
-  config_lib.check_float(c, f"{name}.gamma", 0)
-  config_lib.check_float(c, f"{name}.alpha", 0)
-  config_lib.check_int(c, f"{name}.max_epochs", 0)
+  base.validate_optimizer(c, name)
+  fields.check_float(c, f"{name}.temperature", 0, open_low=True)
+  fields.check_float(c, f"{name}.gamma", 0)
+  fields.check_float(c, f"{name}.alpha", 0)
+  fields.check_int(c, f"{name}.max_epochs", 0)
+  fields.check_int(c, f"{name}.forget_batch_size", 0)

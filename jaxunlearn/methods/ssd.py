@@ -6,13 +6,17 @@ Selective Synaptic Dampening" (AAAI 2024), if-loops/selective-synaptic-dampening
 each batch's mean-CE gradient, averaged over batches, on the forget set (I_f) and
 on the full training set (I_D). Where I_f > alpha * I_D, theta <- theta *
 min(1, lambda * I_D / I_f). Defaults: lambda 1, alpha 5 (the reference's ViT
-full-class setting; 10 for ResNet). Batches of config.batch_size in data-set order
-(the reference: 64, unshuffled).
+full-class setting; 10 for ResNet). Batches of `batch_size` (0: config.batch_size)
+in data-set order (the reference: 64, unshuffled).
+
+Modes: both importance sweeps in eval mode (`forget_full_class_strategies.py` calls
+`model.eval()` first), so BatchNorm's running statistics are not changed before the
+dampening; BatchNorm's scale and bias have importances and can be dampened, as there.
 """
 import jax
 import jax.numpy as jnp
 
-from jaxunlearn import config as config_lib, losses, train
+from jaxunlearn import fields, losses, train
 
 DISPLAY_NAME = "SSD"
 
@@ -22,19 +26,21 @@ def get_config():
   return ml_collections.ConfigDict(dict(
       alpha=5.0,  # selection: weights with I_f > alpha * I_D are dampened
       dampening=1.0,  # lambda: the factor is min(1, lambda * I_D / I_f)
+      batch_size=0,  # examples per importance batch (0: config.batch_size; reference 64)
   ))
 
 
 def _squared_gradient(ctx, params, batch):
   b = batch["data"]
   def ce(p):
-    return losses.cross_entropy(ctx.apply(p, b["image"])[0], b["label"], b["mask"])
+    return losses.cross_entropy(ctx.apply(p, b["image"], mask=b["mask"])[0],
+                                b["label"], b["mask"])
   return {}, (jax.tree.map(jnp.square, jax.grad(ce)(params)), jnp.float32(1))
 
 
-def importance(trainer, params, pool):
+def importance(trainer, variables, pool, batch_size=None):
   """Mean over the pool's batches of the squared batch gradient (SSD's calc_importance)."""
-  _, (sq, batches) = trainer.sweep(_squared_gradient, params, pool)
+  _, (sq, batches) = trainer.sweep(_squared_gradient, variables, pool, batch_size=batch_size)
   return jax.tree.map(lambda x: x / batches, sq)
 
 
@@ -48,13 +54,15 @@ def dampen(ctx, params):
 
 
 def recipe(s):
-  def prepare(trainer, params):
-    return train.Inputs(frozen={"forget": importance(trainer, params, "forget"),
-                                "full": importance(trainer, params, "all")})
+  def prepare(trainer, variables):
+    bs = s.batch_size or None
+    return train.Inputs(frozen={"forget": importance(trainer, variables, "forget", bs),
+                                "full": importance(trainer, variables, "all", bs)})
   return train.Recipe([], prepare=prepare, edit=dampen,
                       edit_hparams={"alpha": s.alpha, "dampening": s.dampening})
 
 
 def validate(c, name):
-  config_lib.check_float(c, f"{name}.alpha", 0)
-  config_lib.check_float(c, f"{name}.dampening", 0)
+  fields.check_float(c, f"{name}.alpha", 0)
+  fields.check_float(c, f"{name}.dampening", 0)
+  fields.check_int(c, f"{name}.batch_size", 0)

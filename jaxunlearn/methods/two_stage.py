@@ -11,10 +11,13 @@ whole pass of stage 1, has three SGD optimizers (stage 1, forget, retain), and i
 stage 2 alternates a forget round of the contrastive term alone (cosine-decayed lr)
 with a separate retain pass of cross-entropy; it never cuts batches to a common size.
 Defaults are the study's: SGD lr 1e-4, momentum 0.9, 5 epochs, temperature 1.15.
+
+Modes: train mode; z_f and z_r are two forward passes (forget, then retain), as
+the study writes them and as FCS runs them; the study does not state the mode.
 """
 import jax.numpy as jnp
 
-from jaxunlearn import config as config_lib, losses, objectives, train
+from jaxunlearn import fields, losses, objectives, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "2-Stage"
@@ -26,21 +29,21 @@ def get_config():
 
 def contrastive_retain(ctx, params, batch):
   f, r = batch["forget"], batch["retain"]
-  B = f["mask"].shape[0]
   # Cut both to m = min(real forget, real retain). Real examples come first in a
   # batch row, so the cut is a prefix mask.
   m = jnp.minimum(jnp.sum(f["mask"]), jnp.sum(r["mask"]))
-  mask_B = (jnp.arange(B) < m).astype(jnp.float32)
-  # One forward pass over both batches (no dropout/BatchNorm: same as two passes).
-  logits, _ = ctx.apply(params, jnp.concatenate([f["image"], r["image"]]))
-  z_f, z_r = logits[:B], logits[B:]
-  con = losses.contrastive(z_f, z_r, mask_B, mask_B, ctx.hp["temperature"])
-  ret = losses.cross_entropy(z_r, r["label"], mask_B)
+  cut = lambda b: (jnp.arange(b["mask"].shape[0]) < m).astype(jnp.float32)
+  # Two train-mode passes, forget then retain, as the study's z_f = f(B_f), z_r = f(B_r):
+  # with BatchNorm one pass over the concatenated batch would differ.
+  z_f, _ = ctx.apply(params, f["image"], mask=f["mask"])
+  z_r, _ = ctx.apply(params, r["image"], mask=r["mask"])
+  con = losses.contrastive(z_f, z_r, cut(f), cut(r), ctx.hp["temperature"])
+  ret = losses.cross_entropy(z_r, r["label"], cut(r))
   return con + ret, {"contrastive": con, "retain_ce": ret}
 
 
 def recipe(s):
-  opt = base.sgd(s)
+  opt = base.optimizer(s)
   return train.Recipe([
       train.Phase("stage1", objectives.kl_uniform,
                   {"data": train.Stream("forget", epochs=1, max_steps=s.stage1_steps)}, opt),
@@ -52,6 +55,6 @@ def recipe(s):
 
 
 def validate(c, name):
-  base.validate_sgd(c, name)
-  config_lib.check_float(c, f"{name}.temperature", 0, open_low=True)
-  config_lib.check_int(c, f"{name}.stage1_steps", 0)
+  base.validate_optimizer(c, name)
+  fields.check_float(c, f"{name}.temperature", 0, open_low=True)
+  fields.check_int(c, f"{name}.stage1_steps", 0)

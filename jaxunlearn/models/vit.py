@@ -1,8 +1,10 @@
-"""Vision Transformer (Linen) with the layout of timm's / the ViT paper's ViT.
+"""Vision Transformer (Linen) with the layout of timm's / the ViT paper's ViT: `--config.model.name=vit`.
 
 The module is stateless: parameters are a plain pytree, so every train step is a
-pure function. It returns logits and the features the study uses for t-SNE (the
-class token after the final LayerNorm).
+pure function; train and eval mode are the same (no dropout, no BatchNorm). It
+returns logits and the features the study uses for t-SNE (the class token after
+the final LayerNorm). Its config section is `config.model.vit`; pretrained
+weights (`config.model.init`) are converted by `weights.py`.
 """
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from jaxunlearn import fields
+from jaxunlearn.models import base
 
 # Registered architectures, named as in the ViT paper. Ti/16 is timm's
 # vit_tiny_patch16_224 (the study's model).
@@ -171,7 +177,7 @@ class ViT(nn.Module):
 
 
 def model_kwargs(model_config, num_classes: int) -> dict[str, Any]:
-  """ViT keyword arguments from a `config.model` section (a variant name or explicit sizes)."""
+  """ViT keyword arguments from a `config.model.vit` section (a variant name or explicit sizes)."""
   kw = dict(num_classes=num_classes, image_size=model_config.image_size,
             layer_norm_eps=model_config.layer_norm_eps)
   if model_config.variant:
@@ -194,3 +200,69 @@ def init_params(model: ViT, rng: jax.Array, num_channels: int):
 
 def num_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+SECTION = "vit"
+PRETRAINED = True  # timm / transformers safetensors, `weights.py`
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """`config.model.vit`: the sizes, or a registered variant."""
+  return ml_collections.ConfigDict(dict(
+      # Registered architecture ("Ti/16", ...), or "" to use the explicit sizes below.
+      variant="",
+      # Input resolution in pixels; images are resized to it (bilinear) inside the step.
+      image_size=8,
+      patch_size=2,  # pixels per patch side
+      hidden_size=64,  # token width
+      depth=4,  # transformer blocks
+      num_heads=4,
+      mlp_dim=128,  # hidden units of each block's MLP
+      layer_norm_eps=1e-6,  # added to the variance in every LayerNorm (> 0)
+  ))
+
+
+def validate(c, name: str | None, num_classes: int) -> None:
+  """Checks `config.model.vit` (`name`: "vit" when it is the chosen model, else None)."""
+  s = "model.vit"
+  fields.check_str(c, f"{s}.variant")
+  if c.model.vit.variant and c.model.vit.variant not in VARIANTS:
+    fields.fail(f"{s}.variant", f"unknown variant {c.model.vit.variant!r}; allowed: \"\" or "
+                f"{', '.join(VARIANTS)}")
+  for field in ("image_size", "patch_size", "hidden_size", "depth", "num_heads", "mlp_dim"):
+    fields.check_int(c, f"{s}.{field}")
+  fields.check_float(c, f"{s}.layer_norm_eps", 0, open_low=True)
+  if name and not c.model.init:  # with weights, the sizes are the weights' (checked when loaded)
+    sizes = model_kwargs(c.model.vit, num_classes)
+    field = f"{s}.variant" if c.model.vit.variant else f"{s}.patch_size"
+    if sizes["image_size"] % sizes["patch_size"]:
+      fields.fail(field, f"patch size {sizes['patch_size']} does not divide "
+                  f"image_size {sizes['image_size']}")
+    field = f"{s}.variant" if c.model.vit.variant else f"{s}.num_heads"
+    if sizes["hidden_size"] % sizes["num_heads"]:
+      fields.fail(field, f"{sizes['num_heads']} heads do not divide hidden_size "
+                  f"{sizes['hidden_size']}")
+
+
+def build(config, name: str, num_classes: int, image_shape: tuple[int, ...], rng, dtype):
+  """(Model, variables): pretrained (head re-initialised) or a random initialisation."""
+  del name
+  s = config.model.vit
+  if not config.model.init:
+    vit = create(s, num_classes, dtype)
+    return base.Model(vit, image_size=vit.image_size), {"params": init_params(vit, rng, image_shape[-1])}
+  from jaxunlearn import weights
+  kwargs, params = weights.load_pretrained(config.model.init, num_classes=num_classes, rng=rng,
+                                           image_size=s.image_size)
+  if s.variant:
+    want = VARIANTS[s.variant]
+    got = {k: kwargs[k] for k in want}
+    if got != want:
+      raise ValueError(f"config.model.vit.variant: {s.variant} is {want}, but "
+                       f"{config.model.init} holds {got}; set variant to \"\" or match the weights")
+  channels = params["patch_embed"]["kernel"].shape[2]
+  if channels != image_shape[-1]:
+    raise ValueError(f"config.model.init: the weights take {channels}-channel images, "
+                     f"{config.data.name} has {image_shape[-1]}")
+  vit = ViT(**kwargs, dtype=dtype)
+  return base.Model(vit, image_size=vit.image_size), {"params": params}
