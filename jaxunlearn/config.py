@@ -12,6 +12,7 @@ import re
 import ml_collections
 
 from jaxunlearn import datasets, models, optimizers
+from jaxunlearn.methods import METHODS
 from jaxunlearn.fields import (check_bool, check_float, check_int, check_optimizer, check_str,
                                closest, fail, field_names, field_value, names)
 
@@ -67,7 +68,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   # starts from the Original. Every method's section below holds its hyperparameters,
   # defaults from its reference code (see jaxunlearn/methods/<name>.py).
   c.methods = "finetune,gradient_ascent,two_stage"
-  from jaxunlearn.methods import METHODS
   for name, module in METHODS.items():
     c[name] = module.get_config()
 
@@ -131,7 +131,6 @@ def seed_list(c) -> tuple[int, ...] | None:
 
 
 def method_names(c) -> tuple[str, ...]:
-  from jaxunlearn.methods import METHODS
   m = names(c.methods)
   return tuple(METHODS) if m == ("all",) else m
 
@@ -148,7 +147,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
   needs the data or weights themselves (the forget set is not empty, the weights'
   sizes) is checked when they are loaded, still before anything is written.
   """
-  from jaxunlearn.methods import METHODS
   # The fields are the base config's: a misspelt field set in a config file (before it
   # is locked) would otherwise be a field nothing reads.
   base = field_names(get_base_config())

@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxunlearn import datasets
+from jaxunlearn import datasets, fields
 
 
 KINDS = ("class", "random")
@@ -41,8 +41,7 @@ class Scenario:
 
 def forget_classes(config) -> tuple[int, ...]:
   """`config.forget_class` ("3" or "0,3") as a tuple of ints."""
-  from jaxunlearn import config as config_lib
-  return tuple(sorted({int(v) for v in config_lib.names(str(config.forget_class))}))
+  return tuple(sorted({int(v) for v in fields.names(str(config.forget_class))}))
 
 
 def from_config(config, data: datasets.Dataset) -> Scenario:

@@ -209,7 +209,8 @@ def test_unwritable_workdir(tmp_path):
     pipeline.train_and_evaluate(tiny_config(), str(tmp_path / "file" / "run"))
 
 
-@pytest.mark.parametrize("name", ["digits", "digits_methods", "cifar10_vit_tiny"])
+@pytest.mark.parametrize("name", ["digits", "digits_methods", "cifar10_vit_tiny", "digits_resnet",
+                                  "cifar10_resnet18"])
 def test_configs_validate_and_are_locked(name):
   c = load_config(name)
   config_lib.validate(c)
