@@ -16,9 +16,10 @@ jaxunlearn/methods/<name>.py), per-stream batch sizes included: SCRUB forget 512
 retain 256, DELETE 128, SSD importance batches 64 with alpha 10 (its ResNet
 value), FCS 256; the study's two-stage keeps its own values.
 
-Not yet what the references run, until the next issue lands: no random crop and
-flip augmentation and no CIFAR-10 mean/std normalisation (pixels are normalised
-with 0.5 / 0.5); both move the numbers. Run time on one GPU: not measured yet
+Data as the references: random crop (4-pixel zero padding) and horizontal flip
+while training (Unlearn-Sparse `dataset.py`; which stages augment: each method's
+docstring) and CIFAR-10's mean/std normalisation (Unlearn-Sparse `models/ResNet.py`).
+Run time on one GPU: not measured yet
 (no GPU has been lent to this project; `scripts/gpu_check.sh` times a ResNet-18
 epoch and every method's step when one is). The references report 43 minutes
 for Retrain on their GPU (SalUn Table 1, RTE).
@@ -59,6 +60,9 @@ from jaxunlearn.config import get_base_config
 def get_config():
   c = get_base_config()
   c.data.name = "cifar10"
+  c.data.augment = "crop_flip"
+  c.data.mean = "0.4914,0.4822,0.4465"
+  c.data.std = "0.2470,0.2435,0.2616"
   c.model.name = "resnet18"
   c.model.resnet.width = 64
   c.batch_size = 256

@@ -11,10 +11,10 @@ import re
 
 import ml_collections
 
-from jaxunlearn import datasets, models, optimizers
+from jaxunlearn import augment, datasets, models, optimizers
 from jaxunlearn.methods import METHODS
-from jaxunlearn.fields import (check_bool, check_float, check_int, check_optimizer, check_str,
-                               closest, fail, field_names, field_value, names)
+from jaxunlearn.fields import (check_bool, check_choice, check_float, check_int, check_optimizer,
+                               check_str, closest, fail, field_names, field_value, names)
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -25,27 +25,55 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Several runs, one per seed, each in workdir/seed_<n>, summarised as mean ± sd:
   # comma-separated seeds ("0,1,2") or a count ("5" = seeds 0..4). "" runs `seed` alone.
   c.seeds = ""
-  # Which training examples are forgotten: "class" (every example of `forget_class`)
-  # or "random" (a seeded, stratified `forget_fraction` of the training set).
+  # Which training examples are forgotten: "class" (every example of `forget_class`),
+  # "random" (a seeded, stratified `forget_fraction` of the training set) or "subclass"
+  # (every example of the fine class `forget_subclass`, training on coarse labels).
   c.scenario = "class"
   # scenario "class": the class(es) whose training examples form the forget set ("0", "0,3").
   c.forget_class = "0"
   # scenario "random": the forgotten fraction of the training set, stratified by class.
   c.forget_fraction = 0.1
+  # scenario "subclass": the fine class forgotten, by name ("rocket") or number, inside its
+  # coarse class; needs coarse labels with fine ones (data.label "coarse": cifar100 as
+  # CIFAR-20, or digits paired into 5 classes).
+  c.forget_subclass = ""
 
   c.data = ml_collections.ConfigDict()
-  # Data set: "digits" (scikit-learn, offline), "cifar10" (tensorflow-datasets) or
-  # "synthetic" (random images and labels, for benchmarks and hardware checks).
+  # Data set: "digits" (scikit-learn, offline), "synthetic" (random images and labels, for
+  # benchmarks and hardware checks), "folder" (your own images, `folder` below) or the TFDS
+  # name of any image-classification data set ("cifar10", "cifar100", "svhn_cropped",
+  # "mnist", "fashion_mnist", ...; prepared once, see jaxunlearn/tfds_data.py). Classes,
+  # their names, image size and channels come from the data set itself.
   c.data.name = "digits"
+  # TFDS data sets: the class label to learn; "" is the data set's own (CIFAR-100: its 100
+  # fine classes), else a class-label feature ("coarse_label"); cifar100 also takes "fine"
+  # and "coarse" (its 20 super-classes: CIFAR-20).
+  c.data.label = ""
+  # name "folder": the folder holding train/<class>/* and test/<class>/* images (png, jpg,
+  # ...); the classes are the subfolder names, sorted.
+  c.data.folder = ml_collections.FieldReference(None, field_type=str)
+  # Pixels per side every image is resized to when loaded (bilinear, as torchvision's
+  # Resize on PIL images; aspect ratio not kept); 0 keeps the stored size, which must
+  # then be the same for all images.
+  c.data.image_size = 0
+  # Per-channel normalisation of pixels in [0, 1] into model input, (x - mean) / std: one
+  # number for every channel ("0.5", the study's) or one per channel, comma-separated
+  # (CIFAR-10's "0.4914,0.4822,0.4465" and "0.2470,0.2435,0.2616").
+  c.data.mean = "0.5"
+  c.data.std = "0.5"
+  # Training-time augmentation: "none" or "crop_flip" (the references' random crop of
+  # the image padded by 4 black pixels, then a random horizontal flip).
+  c.data.augment = "none"
   # digits only: fraction of examples held out as the test set (stratified).
   c.data.test_size = 0.25
   # digits only: random_state of the stratified train/test split.
   c.data.split_seed = 0
-  # cifar10 only: tfds data_dir (None: tfds' default, ~/tensorflow_datasets).
+  # TFDS data sets only: tfds data_dir (None: tfds' default, ~/tensorflow_datasets).
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
-  # cifar10 only: folder holding a manually downloaded cifar-10-binary.tar.gz.
+  # TFDS data sets only: folder holding the data set's manually downloaded archives
+  # (cifar10: cifar-10-binary.tar.gz), for preparing offline.
   c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
-  # cifar10 only: prepare the data set when it is missing (needs TensorFlow + network).
+  # TFDS data sets only: prepare the data set when it is missing (needs TensorFlow + network).
   c.data.prepare = False
 
   # synthetic only: sizes of the random data set (CIFAR-10's by default): training and
@@ -160,10 +188,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
       fail(field, "missing; start from config.get_base_config() and change fields")
 
   check_str(c, "data.name")
-  if c.data.name not in datasets.NUM_CLASSES:
-    fail("data.name", f"unknown data set {c.data.name!r}; "
-          f"allowed: {', '.join(datasets.NUM_CLASSES)}")
-  num_classes = datasets.NUM_CLASSES[c.data.name]
+  datasets.check_name(c.data.name)
+  # The class count is the data set's own: range checks that need it run once it is
+  # loaded (`datasets.check_config`), still before anything is written.
+  num_classes = None
+  check_str(c, "data.label")
+  if not re.fullmatch(r"[A-Za-z0-9_]*", c.data.label):
+    fail("data.label", f"must be \"\" (the data set's own label) or the name of a class-label "
+         f"feature, e.g. \"coarse_label\" or \"coarse\" (cifar100); got {c.data.label!r}")
+  check_str(c, "data.folder", "a folder path", optional=True)
+  if c.data.name == "folder" and not c.data.folder:
+    fail("data.folder", "is not set; name the folder holding train/<class>/ and test/<class>/")
+  check_int(c, "data.image_size", 0)
+  datasets.normalization(c.data)
+  check_choice(c, "data.augment", augment.KINDS)
   check_float(c, "data.test_size", 0, 1, open_low=True)
   check_int(c, "data.split_seed", 0)
   check_str(c, "data.data_dir", "a folder path", optional=True)
@@ -186,8 +224,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     fail("seeds", f"must name distinct seeds in [0, 2**31) or a count in 1..{MAX_SEEDS}, "
           f"got {c.seeds!r}")
   check_str(c, "scenario")
-  if c.scenario not in ("class", "random"):
-    fail("scenario", f"unknown scenario {c.scenario!r}; allowed: class, random")
+  check_choice(c, "scenario", ("class", "random", "subclass"))
+  check_str(c, "forget_subclass", "a fine class name or number")
+  if "," in c.forget_subclass:
+    fail("forget_subclass", f"names one fine class; got {c.forget_subclass!r}")
+  if c.scenario == "subclass" and not c.forget_subclass.strip():
+    fail("forget_subclass", "is empty; scenario \"subclass\" needs the fine class to forget, "
+         "e.g. --config.forget_subclass=rocket")
   check_str(c, "forget_class", "a string of class numbers")
   try:
     classes = [int(v) for v in names(c.forget_class)]
@@ -195,11 +238,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     fail("forget_class", f"must be class numbers, e.g. \"3\" or \"0,3\"; got {c.forget_class!r}")
   if not classes:
     fail("forget_class", "is empty; name at least one class")
-  for k in classes:
-    if not 0 <= k < num_classes:
-      fail("forget_class", f"{k} is out of range; allowed: 0..{num_classes - 1} for {c.data.name}")
-  if c.scenario == "class" and len(set(classes)) == num_classes:
-    fail("forget_class", f"forgets every class of {c.data.name}; leave at least one")
+  for k in classes:  # the upper bound is the data set's (`datasets.check_config`)
+    if k < 0:
+      fail("forget_class", f"{k} is out of range; classes are numbered from 0")
   check_float(c, "forget_fraction", 0, 1, open_low=True)
 
   models.validate(c, num_classes)

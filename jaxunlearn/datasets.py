@@ -1,5 +1,12 @@
 """Data sets as host arrays: uint8 images (N, H, W, C) and int32 labels.
 
+Sources, by `config.data.name`: "digits" (scikit-learn's 8x8 digits, offline),
+"synthetic" (random arrays), "folder" (a folder of images, `image_folder`) or the
+name of any TFDS image-classification data set (`tfds_data`: cifar10, cifar100,
+svhn_cropped, mnist, ...). The class count, names, image size and channels come
+from the source itself (TFDS metadata, folder names), so the checks that need them
+(`check_config`) run once the data is loaded, before anything is written.
+
 Images stay uint8 at their stored size; inside the jitted steps they become
 float pixels in [0, 1] (`Trainer.pixels`, what an objective may perturb) and then
 model input (`normalize`: resize and normalise), so the device holds the compact form.
@@ -7,10 +14,24 @@ model input (`normalize`: resize and normalise), so the device holds the compact
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxunlearn import fields
+
+# The sources that are not TFDS names; any other name is looked up in TFDS.
+SOURCES = ("digits", "synthetic", "folder")
+# TFDS names: lowercase, an optional builder config and version ("emnist/balanced:3.1.0").
+TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[a-z0-9_.-]+)?(:[0-9]+\.[0-9]+\.[0-9]+)?")
+# At most this fraction of a device's memory may hold the data set (kept whole on every
+# device); the rest is for parameters, optimizer state and activations.
+FIT_FRACTION = 0.8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +44,12 @@ class Dataset:
   # Value of a white pixel in the stored images (255 for 8-bit, 16 for digits).
   pixel_max: float
   class_names: tuple[str, ...]
+  # When the labels are coarse classes that group finer ones (CIFAR-100's 20 super-classes,
+  # `data.label=coarse`): each example's fine class and the fine class names (every fine
+  # class lies in one coarse class); None otherwise.
+  train_fine_labels: np.ndarray | None = None  # (N,) int32
+  test_fine_labels: np.ndarray | None = None
+  fine_class_names: tuple[str, ...] | None = None
 
   def __post_init__(self):
     for split in ("train", "test"):
@@ -31,22 +58,60 @@ class Dataset:
         raise ValueError(f"{split} images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
       if labels.shape != images.shape[:1]:
         raise ValueError(f"{split} labels {labels.shape} do not match images {images.shape}")
+      fine = getattr(self, f"{split}_fine_labels")
+      if (fine is None) != (self.fine_class_names is None):
+        raise ValueError(f"{split} fine labels and fine_class_names must be given together")
+      if fine is not None and fine.shape != labels.shape:
+        raise ValueError(f"{split} fine labels {fine.shape} do not match labels {labels.shape}")
+    if len(self.class_names) != self.num_classes:
+      raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+
+  def fingerprint(self) -> str:
+    """A digest of every array and the class names: equal only for the same data set."""
+    arrays = [getattr(self, f.name) for f in dataclasses.fields(self)]
+    return digest([a for a in arrays if isinstance(a, np.ndarray)]
+                  + [np.frombuffer(repr((self.class_names, self.fine_class_names,
+                                         self.pixel_max)).encode(), np.uint8)])
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of every array (images and labels), as each device holds them."""
+    arrays = (getattr(self, f.name) for f in dataclasses.fields(self))
+    return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
 
 
-# name -> number of classes, known before loading (used to validate configs early).
-NUM_CLASSES = {"digits": 10, "cifar10": 10, "synthetic": 10}
+def digest(arrays) -> str:
+  """CRC-32 of a list of arrays' shapes, dtypes and bytes, as 8 hex digits."""
+  crc = 0
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    crc = zlib.crc32(repr((a.shape, str(a.dtype))).encode(), crc)
+    crc = zlib.crc32(a.reshape(-1).view(np.uint8), crc)
+  return f"{crc:08x}"
 
 
-def load_digits(test_size: float, split_seed: int) -> Dataset:
-  """scikit-learn's 8x8 digits (ships with scikit-learn), stratified train/test split."""
+# digits with data.label "coarse": digit d is in coarse class d // 2, named by its pair.
+DIGITS_COARSE = tuple(f"{2 * k}-{2 * k + 1}" for k in range(5))
+
+
+def load_digits(test_size: float, split_seed: int, coarse: bool = False) -> Dataset:
+  """scikit-learn's 8x8 digits (ships with scikit-learn), stratified train/test split.
+
+  `coarse`: 5 classes of digit pairs ("0-1", "2-3", ..., digit // 2) with the digits
+  as fine labels, so sub-class forgetting runs offline, as CIFAR-20 does on CIFAR-100.
+  """
   from sklearn import datasets as skd
   from sklearn.model_selection import train_test_split
   d = skd.load_digits()
   images = d.images.astype(np.uint8)[..., None]  # values 0..16
   xtr, xte, ytr, yte = train_test_split(images, d.target.astype(np.int32), test_size=test_size,
                                         stratify=d.target, random_state=split_seed)
-  return Dataset(xtr, ytr, xte, yte, num_classes=10, pixel_max=16.0,
-                 class_names=tuple(str(i) for i in range(10)))
+  digits = tuple(str(i) for i in range(10))
+  if coarse:
+    return Dataset(xtr, ytr // 2, xte, yte // 2, num_classes=5, pixel_max=16.0,
+                   class_names=DIGITS_COARSE, train_fine_labels=ytr, test_fine_labels=yte,
+                   fine_class_names=digits)
+  return Dataset(xtr, ytr, xte, yte, num_classes=10, pixel_max=16.0, class_names=digits)
 
 
 def load_synthetic(num_train: int, num_test: int, image_size: int, seed: int = 0) -> Dataset:
@@ -61,23 +126,158 @@ def load_synthetic(num_train: int, num_test: int, image_size: int, seed: int = 0
                  num_classes=10, pixel_max=255.0, class_names=tuple(str(i) for i in range(10)))
 
 
-def load_cifar10(data_config) -> Dataset:
-  """CIFAR-10 through tensorflow-datasets (`tfds_data`; data_dir, prepare, manual_dir)."""
-  from jaxunlearn import tfds_data  # lazy: tfds is imported only for CIFAR-10
-  arrays, names = tfds_data.read_cifar10(data_config)
-  return Dataset(*arrays, num_classes=len(names), pixel_max=255.0, class_names=names)
+# PIL's mode for each channel count a data set may have.
+MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def image_array(image, image_size: int, channels: int) -> np.ndarray:
+  """A PIL image as uint8 (H, W, channels), resized to image_size x image_size (0: kept).
+
+  Bilinear, as torchvision's `Resize` on PIL images (the references' loaders); the aspect
+  ratio is not kept. Every source decodes through here, so all resize alike.
+  """
+  from PIL import Image
+  if image.mode != MODES[channels]:
+    image = image.convert(MODES[channels])
+  if image_size and image.size != (image_size, image_size):
+    image = image.resize((image_size, image_size), Image.BILINEAR)
+  return np.asarray(image).reshape(image.height, image.width, channels)
+
+
+def resize(images_NxHxWxC: np.ndarray, image_size: int) -> np.ndarray:
+  """uint8 images resized as `image_array` does (0, or their size already: unchanged)."""
+  from PIL import Image
+  N, H, W, C = images_NxHxWxC.shape
+  if not image_size or (H, W) == (image_size, image_size):
+    return images_NxHxWxC
+  out = np.empty((N, image_size, image_size, C), np.uint8)
+  for i, x in enumerate(images_NxHxWxC):
+    out[i] = image_array(Image.fromarray(x[..., 0] if C == 1 else x), image_size, C)
+  return out
 
 
 def load(data_config) -> Dataset:
-  if data_config.name == "digits":
-    return load_digits(data_config.test_size, data_config.split_seed)
-  if data_config.name == "synthetic":
-    return load_synthetic(data_config.synthetic.num_train, data_config.synthetic.num_test,
-                          data_config.synthetic.image_size)
-  if data_config.name == "cifar10":
-    return load_cifar10(data_config)
-  raise ValueError(f"config.data.name: unknown data set {data_config.name!r}; "
-                   f"allowed: {', '.join(NUM_CLASSES)}")
+  """The data set `config.data` names, its images resized to `data.image_size` (0: kept)."""
+  name, size = data_config.name, data_config.image_size
+  label = data_config.label
+  if name in SOURCES and label and (name, label) != ("digits", "coarse"):
+    fields.fail("data.label", f"{name} has one set of labels; set data.label to \"\" "
+                f"(other labels are for TFDS data sets such as cifar100; digits also takes "
+                f"\"coarse\")")
+  if name == "digits":
+    d = load_digits(data_config.test_size, data_config.split_seed, coarse=label == "coarse")
+  elif name == "synthetic":
+    s = data_config.synthetic
+    d = load_synthetic(s.num_train, s.num_test, s.image_size)
+  elif name == "folder":
+    from jaxunlearn import image_folder  # lazy: Pillow only when used
+    return image_folder.read(data_config.folder, size)
+  else:
+    from jaxunlearn import tfds_data  # lazy: tensorflow_datasets only when used
+    return tfds_data.read(data_config)
+  return dataclasses.replace(d, train_images=resize(d.train_images, size),
+                             test_images=resize(d.test_images, size))
+
+
+def check_name(name) -> None:
+  """`data.name` can name a data set: a source of ours or a TFDS name (found when loading)."""
+  if name not in SOURCES and not TFDS_NAME.fullmatch(name):
+    fields.fail("data.name", f"{name!r} is not a data set name; allowed: "
+                f"{', '.join(SOURCES)} or a TFDS name (cifar10, cifar100, svhn_cropped, "
+                "mnist, ...)")
+
+
+def normalization(data_config, num_channels: int | None = None):
+  """(mean, std): `data.mean` and `data.std` ("0.5", or one per channel "0.49,0.48,0.45").
+
+  Without `num_channels` the fields' syntax is checked and their values returned as
+  given; with it, one number is repeated for every channel and a list must have one
+  entry per channel. A bad field raises a one-line ValueError naming it.
+  """
+  out = []
+  for key in ("mean", "std"):
+    field, text = f"data.{key}", data_config[key]
+    try:
+      values = tuple(float(v) for v in text.split(","))
+    except (AttributeError, ValueError):
+      values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+      fields.fail(field, f"must be one number or one per channel, comma-separated (\"0.5\" or "
+                  f"\"0.4914,0.4822,0.4465\"), got {text!r}")
+    if key == "std" and min(values) <= 0:
+      fields.fail(field, f"must be > 0 (input is divided by it), got {text!r}")
+    if num_channels is not None:
+      if len(values) not in (1, num_channels):
+        fields.fail(field, f"has {len(values)} entries but the images have {num_channels} "
+                    f"channel(s); give 1 or {num_channels}")
+      values = values * num_channels if len(values) == 1 else values
+    out.append(values)
+  return tuple(out)
+
+
+def _size(nbytes: float) -> str:
+  for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    if nbytes >= scale:
+      return f"{nbytes / scale:.2f} {unit}"
+  return f"{nbytes} bytes"
+
+
+def host_memory() -> int:
+  """Bytes of the host's memory available now (what CPU devices' copies must fit in)."""
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_memory(device) -> int | None:
+  """Bytes an accelerator can allocate; None where JAX does not say (the CPU)."""
+  stats = device.memory_stats()
+  return (stats or {}).get("bytes_limit")
+
+
+def check_fits(data: Dataset, devices=None, limit_bytes: int | None = None) -> None:
+  """Refuses, in one line, a data set too large for the devices' memory (ValueError).
+
+  The data lives whole on every device, as uint8 (`device_data`: replicated), and may
+  take at most FIT_FRACTION of a device's memory: an accelerator's `bytes_limit`. Devices
+  without memory statistics (the CPU) share the host's available memory, one copy each.
+  `limit_bytes` stands for each device's (or the host's) memory, for tests.
+  `devices`: default this process's devices, which hold its copies.
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  need = data.nbytes
+  memory = [device_memory(d) for d in devices]
+  if all(memory):  # accelerators: each holds one copy in its own memory
+    have, i = min((m if limit_bytes is None else limit_bytes, i) for i, m in enumerate(memory))
+    copies, where = 1, f"{devices[i].device_kind} ({devices[i].platform}) has {_size(have)}"
+    fewer = ""
+  else:  # devices on the host: every copy in the host's memory
+    have = host_memory() if limit_bytes is None else limit_bytes
+    copies, where = len(devices), f"the host has {_size(have)} available"
+    fewer = ", fewer CPU devices" if copies > 1 else ""
+  if need * copies > FIT_FRACTION * have:
+    held = f", {copies} copies in host memory" if copies > 1 else ""
+    raise ValueError(
+        f"The data set does not fit: its images and labels take {_size(need)} as uint8, kept "
+        f"whole on each of {len(devices)} device(s){held}, but {where} (at most "
+        f"{FIT_FRACTION:.0%} of it for data); set a smaller data.image_size or use fewer "
+        f"images{fewer} or devices with more memory")
+
+
+def check_config(config, data: Dataset, devices=None) -> None:
+  """The checks of config fields that need the loaded data, before anything is written.
+
+  forget_class within the data set's classes and not all of them (scenario "class"), data.mean / data.std with 1 entry or one per channel, and the data set
+  fitting in the devices' memory (`check_fits`).
+  """
+  n, name = data.num_classes, config.data.name
+  if config.scenario == "class":
+    classes = {int(v) for v in fields.names(str(config.forget_class))}
+    for k in sorted(classes):
+      if not 0 <= k < n:
+        fields.fail("forget_class", f"{k} is out of range; allowed: 0..{n - 1} for {name}")
+    if len(classes) == n:
+      fields.fail("forget_class", f"forgets every class of {name}; leave at least one")
+  normalization(config.data, data.train_images.shape[-1])
+  check_fits(data, devices)
 
 
 def normalize(pixels_BxHxWxC: jax.Array, image_size: int | None, mean=0.5,

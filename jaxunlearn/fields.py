@@ -105,7 +105,11 @@ def check_optimizer(c, section: str) -> None:
   except ValueError:
     decay = None
   epochs = field_value(c, f"{section}.epochs")
-  if decay is None or any(not 0 < e <= epochs for e in decay) or decay != sorted(set(decay)):
+  # The range is checked where it is used: a shortened run of a "step" config may
+  # switch the schedule off without clearing its epochs.
+  in_range = all(0 < e and (e <= epochs or field_value(c, f"{section}.schedule") != "step")
+                 for e in decay or [])
+  if decay is None or not in_range or decay != sorted(set(decay)):
     fail(f"{section}.decay_epochs", "must be increasing epochs in (0, epochs], comma-separated, "
          f"e.g. \"91,136\"; got {field_value(c, f'{section}.decay_epochs')!r}")
   check_float(c, f"{section}.decay_factor", 0, open_low=True)

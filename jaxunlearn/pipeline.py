@@ -1,8 +1,10 @@
 """The study end to end: train Original and Gold, unlearn, evaluate, report.
 
 `train_and_evaluate(config, workdir)` is the one function `main.py` calls; it can
-equally be driven from a notebook. Each stage is checkpointed in the workdir and
-reused when the same command runs again.
+equally be driven from a notebook, with one's own arrays (`data=datasets.Dataset(...)`)
+and one's own Flax model (`model=models.Model(module)` or a bare module, optionally
+with `variables`) in place of what `config.data` and `config.model` name. Each stage
+is checkpointed in the workdir and reused when the same command runs again.
 """
 from __future__ import annotations
 
@@ -20,9 +22,35 @@ from jaxunlearn import models, recipe as recipe_lib, report, scenario as scenari
 from jaxunlearn import train, workdir as workdir_lib
 
 
-def build_model(config, data: datasets.Dataset, rng):
-  """The configured architecture (`models.Model`) and its initial variables."""
-  return models.build(config, data.num_classes, data.train_images.shape[1:], rng)
+def build_model(config, data: datasets.Dataset, rng, own=None):
+  """The configured architecture (`models.Model`) and its initial variables.
+
+  `own`: the caller's (model, variables or None) instead of `config.model`'s; a bare
+  Linen module is a stateless `Model`; without variables it is initialised from `rng`.
+  """
+  if own is None:
+    return models.build(config, data.num_classes, data.train_images.shape[1:], rng)
+  model, variables = train.as_model(own[0]), own[1]
+  if variables is None:
+    H, W, C = data.train_images.shape[1:]
+    side = model.image_size
+    variables = model.init(rng, (1, side or H, side or W, C))
+  return model, dict(variables)
+
+
+def own_inputs(data, own_model) -> dict:
+  """What stands in a stage's inputs for config.data / config.model when the caller gives
+  its own: a digest of the arrays, the module's definition (its repr: class and fields)
+  and a digest of the given variables, so a workdir is never reused with other ones."""
+  out = {}
+  if data is not None:
+    out["own_data"] = data.fingerprint()
+  if own_model is not None:
+    model, variables = own_model
+    out["own_model"] = repr(train.as_model(model))
+    if variables is not None:
+      out["own_variables"] = datasets.digest(jax.tree.leaves(jax.device_get(variables)))
+  return out
 
 
 # Where each kind of task keeps its checkpoint (folder in the workdir) and its arrays' item name.
@@ -160,24 +188,32 @@ def use_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       data: datasets.Dataset | None = None, model=None, variables=None) -> dict:
   """Runs the study, once or once per seed; returns the results also written to results.json.
 
   With `config.seeds`, each seed runs into workdir/seed_<n> (a finished seed is
   reused) and the workdir gets the summary: mean ± sd per model and metric, every
-  seed's tables, and the trade-off figure.
+  seed's tables, and the trade-off figure. `data` (a `datasets.Dataset` of one's own
+  arrays) replaces `config.data`'s source; `model` (a `models.Model` or a Linen module
+  returning (logits, features)) and its `variables` (None: initialised per seed)
+  replace `config.model`'s architecture. `config.data`'s normalisation and
+  augmentation still apply.
   """
   config_lib.validate(config)
   use_compilation_cache(config.compilation_cache)
   if config.distributed:
     distributed.initialize(config.cluster)
+  own = None if model is None else (model, variables)
   seeds = config_lib.seed_list(config)
   if seeds is None:
-    return _run_once(config, workdir)
+    return _run_once(config, workdir, data=data, own=own, own_data=data is not None)
   # Check data and weights once, before anything is written.
-  data = datasets.load(config.data)
-  scenario_lib.from_config(config, data)
-  build_model(config, data, jax.random.key(0))
+  own_data = data is not None
+  data = data if own_data else datasets.load(config.data)
+  datasets.check_config(config, data)
+  forgotten = scenario_lib.from_config(config, data).what
+  build_model(config, data, jax.random.key(0), own)
   with workdir_lib.claim(config, workdir) as config_dict:
     per_seed, names = {}, {}
     workdir_lib.record_config(workdir, config_dict)
@@ -185,29 +221,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       c = config.copy_and_resolve_references()
       c.seed, c.seeds = s, ""
       print(f"=== seed {s} ({len(per_seed) + 1}/{len(seeds)})", flush=True)
-      out = _run_once(c, os.path.join(workdir, f"seed_{s}"), data=data)
+      out = _run_once(c, os.path.join(workdir, f"seed_{s}"), data=data, own=own,
+                      own_data=own_data)
       per_seed[s], names = out["models"], out["names"]
     figures = {"tradeoff.png": report.tradeoff_figure(per_seed, names)}
     if jax.process_index() == 0:
-      print(report.write_seeds(workdir, config_dict, per_seed, names, figures))
+      print(report.write_seeds(workdir, config_dict, per_seed, names, figures, forgotten))
   mean, std = report.aggregate(per_seed)
   return {"config": config_dict, "seeds": per_seed, "mean": mean, "std": std, "names": names}
 
 
-def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
-  """One run of the study with `config.seed` (validated): every stage, evaluation, table, figure."""
+def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None, own=None,
+              own_data: bool = False) -> dict:
+  """One run of the study with `config.seed` (validated): every stage, evaluation, table, figure.
+
+  `data`: loaded already (`own_data`: the caller's arrays, not config.data's source);
+  `own`: the caller's (model, variables) (`build_model`)."""
   data = data if data is not None else datasets.load(config.data)
+  datasets.check_config(config, data)
   scene = scenario_lib.from_config(config, data)
   key = jax.random.key(config.seed)
-  model, init_variables = build_model(config, data, jax.random.fold_in(key, 0))
+  model, init_variables = build_model(config, data, jax.random.fold_in(key, 0), own)
+  extra = own_inputs(data if own_data else None, own)
   # Input checked, data and weights found: only now is anything written.
   with workdir_lib.claim(config, workdir) as config_dict:
     trainer = train.Trainer(
         model, data, scene.pools(), batch_size=config.batch_size,
         steps_per_chunk=config.steps_per_chunk, eval_batch_size=config.eval.batch_size,
-        progress=config.progress)
+        progress=config.progress, augment=config.data.augment,
+        **dict(zip(("mean", "std"), datasets.normalization(config.data, data.train_images.shape[-1]))))
     logging.info("%s: %s / %d test examples; %s with %s parameters; %d device(s)",
-                 config.data.name, scene.describe(), len(data.test_labels), config.model.name,
+                 "own arrays" if own_data else config.data.name, scene.describe(),
+                 len(data.test_labels), config.model.name if own is None else "own model",
                  f"{models.num_params(init_variables['params']):,}", jax.device_count())
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated),
@@ -225,7 +270,8 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dic
     inputs = {}
     for m in modules:
       parent = None if m in methods.TRAINING else inputs["stage/original"]
-      inputs[f"stage/{m}"] = workdir_lib.stage_inputs(config, methods.section_name(m), parent)
+      inputs[f"stage/{m}"] = workdir_lib.stage_inputs(config, methods.section_name(m), parent,
+                                                      **extra)
     for m in modules:
       inputs[f"eval/{m}"] = {"model": inputs[f"stage/{m}"], "gold": inputs["stage/retrain"],
                              "tsne_examples": [int(i) for i in tsne_idx]}
@@ -303,7 +349,7 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None) -> dic
     if len(tsne_idx):
       figures["tsne.png"] = report.tsne_figure(
           {m: done[f"tsne/{m}"] for m in stages if done[f"tsne/{m}"] is not None},
-          scene.forget_train[tsne_idx], names)
+          scene.forget_train[tsne_idx], names, scene.what)
     if jax.process_index() == 0:
-      print(report.write(workdir, config_dict, results, names, figures))
+      print(report.write(workdir, config_dict, results, names, figures, scene.what))
     return {"config": config_dict, "models": results, "names": names}

@@ -30,6 +30,8 @@ class Stream:
   max_steps: int | None = None
   # Examples per step of this stream; None: the recipe's, else the run's batch size.
   batch_size: int | None = None
+  # Whether the run's training augmentation (config.data.augment) applies to its batches.
+  augment: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

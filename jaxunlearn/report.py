@@ -123,8 +123,10 @@ def _grid(n: int, width: float, height: float, max_cols: int = 5):
 
 
 def tsne_figure(embeddings: dict[str, np.ndarray], is_forget: np.ndarray,
-                names: dict[str, str]) -> bytes:
-  """One panel per model, retain grey, forget red (as the study's Figure 1); PNG bytes."""
+                names: dict[str, str], forgotten: str = "") -> bytes:
+  """One panel per model, retain grey, forget red (as the study's Figure 1); PNG bytes.
+
+  `forgotten` says what the forget set is ("class 0 (airplane)"), in the title."""
   fig, axes = _grid(len(embeddings), 3.2, 3.4)
   for ax, (m, xy) in zip(axes, embeddings.items()):
     ax.scatter(*xy[~is_forget].T, s=4, c="0.6", label="retain")
@@ -133,6 +135,8 @@ def tsne_figure(embeddings: dict[str, np.ndarray], is_forget: np.ndarray,
     ax.set_xticks([])
     ax.set_yticks([])
   axes[0].legend(loc="best", fontsize=8, markerscale=3)
+  if forgotten:
+    fig.suptitle(f"Forget set: {forgotten}", fontsize=10)
   fig.tight_layout()
   return _png(fig)
 
@@ -185,10 +189,17 @@ def tradeoff_figure(per_seed: dict[int, dict[str, dict]], names: dict[str, str])
   return _png(fig)
 
 
+def _forgotten(text: str) -> str:
+  return f"Forgotten: {text}\n\n" if text else ""
+
+
 def write(workdir: str, config_dict: dict, models: dict[str, dict], names: dict[str, str],
-          figures: dict[str, bytes]) -> str:
-  """Writes results.json, results.md, results.csv and the figures; returns the Markdown tables."""
-  tables = (markdown_table(models, names) + "\n" + markdown_table(models, names, FIELD_COLUMNS))
+          figures: dict[str, bytes], forgotten: str = "") -> str:
+  """Writes results.json, results.md, results.csv and the figures; returns the Markdown tables.
+
+  `forgotten` says what the forget set is, with class names ("class 0 (airplane)")."""
+  tables = (_forgotten(forgotten) + markdown_table(models, names) + "\n"
+            + markdown_table(models, names, FIELD_COLUMNS))
   atomic_write(os.path.join(workdir, "results.json"),
                json.dumps({"config": config_dict, "models": models, "names": names}, indent=2))
   atomic_write(os.path.join(workdir, "results.csv"), csv_table(models))
@@ -220,12 +231,12 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> tuple[dict, dict]:
 
 
 def write_seeds(workdir: str, config_dict: dict, per_seed: dict[int, dict[str, dict]],
-                names: dict[str, str], figures: dict[str, bytes]) -> str:
+                names: dict[str, str], figures: dict[str, bytes], forgotten: str = "") -> str:
   """The multi-seed summary: mean ± sd tables, then every seed's tables; returns the summary."""
   mean, std = aggregate(per_seed)
   rows = [(names[m], {k: (mean[m][k], std[m].get(k)) for k in mean[m]}) for m in mean]
   cell = lambda k, r: _fmt_sd(k, *r[k]) if k in r else "—"
-  summary = (f"Mean ± sd over {len(per_seed)} seeds ({', '.join(map(str, per_seed))})\n\n"
+  summary = (_forgotten(forgotten) + f"Mean ± sd over {len(per_seed)} seeds ({', '.join(map(str, per_seed))})\n\n"
              + _table(rows, STUDY_COLUMNS, cell) + "\n" + _table(rows, FIELD_COLUMNS, cell))
   parts = ["# Unlearning results over seeds\n", summary]
   for seed, models in per_seed.items():

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxunlearn import augment
 from jaxunlearn.device_data import DeviceData
 from jaxunlearn.models.base import Model
 from jaxunlearn.recipe import Inputs
@@ -52,6 +53,7 @@ class Env:
   model: Model
   data: DeviceData
   transforms: Mapping[str, optax.GradientTransformation]  # optimizer kind -> optax
+  augment: str = "none"  # training augmentation of streams that take it (`augment.KINDS`)
   # Incremented each time a program is traced (tests check: once per objective).
   traces: list = dataclasses.field(default_factory=lambda: [0])
   lock: Any = dataclasses.field(default_factory=threading.Lock)
@@ -86,20 +88,31 @@ def context(env: Env, cell: list, key, step, num_steps, hp, inputs, *,
                  inputs=inputs, num_classes=env.data.num_classes)
 
 
-def run_chunk(env: Env, objective, stream_names, kind: str, state, train, inputs, args, xs):
+def _batches(env: Env, streams, train, inputs, x, key):
+  """Each stream's batch of this step; the augmented ones with keys from the step's."""
+  batch = {}
+  for s_i, (name, augmented) in enumerate(streams):
+    idx, mask = x["streams"][name]
+    b = env.data.gather(train, idx, mask, inputs.tables)
+    if augmented:
+      k = jax.random.fold_in(jax.random.fold_in(key, (1 << 30) + s_i), x["step"])
+      b["image"] = augment.apply(env.augment, k, b["image"])
+    batch[name] = b
+  return batch
+
+
+def run_chunk(env: Env, objective, streams, kind: str, state, train, inputs, args, xs):
   """`steps_per_chunk` steps of one phase in one scan; inactive (padding) steps are skipped.
 
-  state: {"params", "model_state", "opt"} (the phase's optimizer state); args: the
-  phase's traced scalars; xs: per step "active", "lr", "step" and each stream's
-  (indices, mask).
+  streams: ((batch key, augmented), ...), static; state: {"params", "model_state",
+  "opt"} (the phase's optimizer state); args: the phase's traced scalars; xs: per
+  step "active", "lr", "step" and each stream's (indices, mask).
   """
-  del stream_names  # static: part of the compile key
   env.traced()
   tx = env.transforms[kind]
 
   def step(state, x):
-    batch = {name: env.data.gather(train, idx, m, inputs.tables)
-             for name, (idx, m) in x["streams"].items()}
+    batch = _batches(env, streams, train, inputs, x, args["key"])
 
     def signed(params):
       cell = [state["model_state"]]

@@ -79,11 +79,12 @@ class Trainer:
 
   def __init__(self, model, data: datasets.Dataset, pools: Mapping[str, np.ndarray], *,
                batch_size: int, steps_per_chunk: int, eval_batch_size: int, mesh=None,
-               progress: bool = True, mean=0.5, std=0.5):
+               progress: bool = True, mean=0.5, std=0.5, augment: str = "none"):
     """`pools` maps a pool name ("all", "forget", "retain") to training-set indices.
 
     `model` is a `models.Model` (or a stateless Linen module); `mean`, `std`
-    normalise the pixels (a number or one per channel).
+    normalise the pixels (a number or one per channel); `augment` is the training
+    augmentation of the streams that take it (`augment.KINDS`).
     """
     self.model = as_model(model)
     self.data = device = DeviceData(data, pools, steps_per_chunk=steps_per_chunk,
@@ -96,7 +97,8 @@ class Trainer:
     self.eval_width = device.width(eval_batch_size)
     self.steps_per_chunk = steps_per_chunk
     self.progress = progress
-    self.env = steps.Env(self.model, device, {k: optimizers.transform(k) for k in optimizers.KINDS})
+    self.env = steps.Env(self.model, device, {k: optimizers.transform(k) for k in optimizers.KINDS},
+                         augment=augment)
     self.compiled = compile_cache.CompileCache()
     # Set to stop every run of this trainer at its next chunk (a sibling stage failed).
     self.cancel = threading.Event()
@@ -165,8 +167,14 @@ class Trainer:
                 for name, (table, keys, pool) in streams.items()}
       return dict(active=active[c], lr=lr[c], step=step_no[c], streams=tables)
 
-    static = (self.env, phase.objective, tuple(sorted(phase.streams)), opt.kind)
-    return static, args, chunk_xs
+    return self.chunk_static(phase), args, chunk_xs
+
+  def chunk_static(self, phase: Phase) -> tuple:
+    """The static arguments of a phase's compiled chunk: phases with equal ones share a compile
+    (`compile_cache.key` adds the arrays' shapes)."""
+    augmented = tuple((name, s.augment and self.env.augment != "none")
+                      for name, s in sorted(phase.streams.items()))
+    return (self.env, phase.objective, augmented, phase.optimizer.kind)
 
   def prepare(self, recipe: Recipe, variables) -> Inputs:
     """The recipe's method inputs (its prepare sweep), replicated; empty without one."""

@@ -20,8 +20,8 @@ import jax
 LOCK_FILE = ".lock"
 
 # Fields that decide every stage's result (besides the stage's own section).
-COMMON_FIELDS = ("seed", "scenario", "forget_class", "forget_fraction", "batch_size", "data",
-                 "model")
+COMMON_FIELDS = ("seed", "scenario", "forget_class", "forget_fraction", "forget_subclass",
+                 "batch_size", "data", "model")
 
 
 def atomic_write(path: str, data: bytes | str) -> None:

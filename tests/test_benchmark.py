@@ -1,11 +1,12 @@
-"""scripts/benchmark.py --quick end to end: every method's steps timed, PyTorch compared.
+"""scripts/benchmark.py and its modules: every method's steps timed, PyTorch compared, the
+PyTorch ResNet and the FLOP counts checked against independent references.
 
-The script runs in a subprocess: --quick lowers XLA's optimisation level, which XLA
-reads once, when JAX starts (the script sets it before importing jax), and other
-tests may have started JAX in this process already. It gets 2 fake CPU devices, not
-the tests' 8: still the data-parallel path, and faster, since compiling its ~20 step
-and sweep functions takes most of the run and grows with the device count (~40-55 s
-on the 2-core CPU, against ~50-65 s with 8).
+The script runs in a subprocess: --quick lowers XLA's optimisation level (ViT only),
+which XLA reads once, when JAX starts (the script sets it before importing jax), and
+other tests may have started JAX in this process already. It gets 2 fake CPU
+devices, not the tests' 8: still the data-parallel path, and faster, since compiling
+its ~20 step and sweep functions takes most of the run and grows with the device
+count (on the 2-core CPU the ViT run takes ~30-60 s, the ResNet run ~15 s).
 """
 import json
 import math
@@ -15,10 +16,21 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from jaxunlearn import models, objectives, train
 from jaxunlearn.methods import METHODS
+from tests.test_train import tiny_data, tiny_trainer
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+_SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(_SCRIPTS))
+import bench_jax  # noqa: E402
+import bench_models  # noqa: E402
+import bench_torch  # noqa: E402
 
 # Rows of --quick in order: the CE step, each method's prepare sweep and distinct steps
 # (SSD has none: its whole run), evaluation.
@@ -44,16 +56,20 @@ def _positive(x) -> bool:
   return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
-def test_quick_run_times_every_method(tmp_path):
+def _run_script(tmp_path, *args) -> dict:
   out_path = tmp_path / "bench.json"
-  cmd = [sys.executable, str(_SCRIPT), "--quick", "--gemms", "--out", str(out_path)]
+  cmd = [sys.executable, str(_SCRIPTS / "benchmark.py"), *args, "--out", str(out_path)]
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   env = dict(os.environ, XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=2"]),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  out = json.loads(out_path.read_text())
+  return json.loads(out_path.read_text())
+
+
+def test_quick_run_times_every_method(tmp_path):
+  out = _run_script(tmp_path, "--quick", "--gemms")
 
   assert out["machine"]["jax_devices"] and out["machine"]["cpu_count"] >= 1
   assert out["machine"]["torch_version"] and out["machine"]["jax_version"] == jax.__version__
@@ -62,7 +78,8 @@ def test_quick_run_times_every_method(tmp_path):
     assert _positive(out["matmul_peak"][dtype]["gflops_per_s"])
 
   (res,) = out["results"]
-  assert (res["model"], res["batch_size"], res["dtype"]) == ("digits", 8, "float32")
+  assert (res["model"], res["arch"], res["batch_size"], res["dtype"]) == (
+      "digits", "vit", 8, "float32")
   assert res["vit"]["depth"] == 1  # --quick's one-block model
   assert res["num_devices"] == 2  # the data-parallel path
   rows = res["jax"]
@@ -90,8 +107,9 @@ def test_quick_run_times_every_method(tmp_path):
   # Evaluation: the 16 test images in 2 batches of 8, one call.
   assert (rows["eval"]["steps_per_call"], rows["eval"]["examples_per_step"]) == (2, 8)
 
-  # Steps that share an objective and streams share one compile (hyperparameters, the
-  # sign and the pool are traced); different method inputs (SalUn's mask) do not.
+  # Steps that share an objective, streams and optimizer kind share one compile
+  # (hyperparameters, the sign and the pool are traced); different method inputs
+  # (SalUn's mask) do not.
   compiled_by = {name: r["compiled_by"] for name, r in rows.items() if "compiled_by" in r}
   assert {n: c for n, c in compiled_by.items() if n != c} == {
       "finetune/cross_entropy": "ce_train",
@@ -102,7 +120,7 @@ def test_quick_run_times_every_method(tmp_path):
   }
 
   torch_res = res["torch"]
-  assert _positive(torch_res["eager"][torch_res["best_attn"]]["examples_per_s"])
+  assert _positive(torch_res["eager"][torch_res["best_variant"]]["examples_per_s"])
   assert torch_res["compile"]["status"] == "skipped"
   assert _positive(res["jax_over_torch_eager"])
   assert "| digits | 8 | float32 | ce_train |" in out["table"]
@@ -118,3 +136,96 @@ def test_quick_run_times_every_method(tmp_path):
   for g in res["gemms"]:
     assert _positive(g["jax_ms"]) and _positive(g["torch_ms"]) and _positive(g["jax_over_torch"])
   assert f"| digits | 8 | qkv | weight_grad | 64 x {tokens} x 192 |" in out["gemm_table"]
+
+
+def test_quick_resnet_run_against_pytorch(tmp_path):
+  out = _run_script(tmp_path, "--quick", "--model", "resnet18", "--methods", "finetune")
+  # XLA's level 0 would make the ResNet's steps ~25x slower: --quick keeps the default.
+  assert "--xla_backend_optimization_level=0" not in out["machine"]["xla_flags"]
+  (res,) = out["results"]
+  assert (res["model"], res["arch"], res["input"]) == (
+      "resnet18", "resnet", "uint8 32x32x3, at model size")
+  assert res["resnet"] == {"stage_sizes": [1, 1, 1, 1], "block": "basic", "width": 8}
+  # The JAX ResNet's parameters, counted here from the PyTorch one: the same model.
+  torch_net = bench_torch.resnet(bench_models.spec("resnet18", resnet_width=8,
+                                                   resnet_stages="1,1,1,1"))
+  assert res["num_params"] == sum(p.numel() for p in torch_net.parameters())
+  assert list(res["jax"]) == ["ce_train", "finetune/cross_entropy", "eval"]
+  ce = res["jax"]["ce_train"]
+  assert ce["model_flops_per_step"] == 3 * 8 * res["forward_flops_per_example"]
+  assert _positive(ce["examples_per_s"]) and ce["interleaved_with"] == ["nchw"]
+  assert res["jax"]["finetune/cross_entropy"]["compiled_by"] == "ce_train"
+  eager = res["torch"]["eager"]["nchw"]
+  assert (eager["status"], eager["num_threads"]) == ("ok", 1)
+  assert res["jax_over_torch_eager"] == pytest.approx(
+      ce["examples_per_s"] / eager["examples_per_s"])
+  assert "| resnet18 | 8 | float32 | ce_train |" in out["table"]
+
+
+@pytest.mark.parametrize("name,sizes", [
+    ("resnet18", dict(resnet_width=8, resnet_stages="1,2,1,1")),  # identity + projection
+    ("resnet50", dict(resnet_width=4, resnet_stages="1,1,1,1")),  # bottleneck, stride on 3x3
+])
+def test_resnet_flops_match_torch_counter(name, sizes):
+  spec = bench_models.spec(name, **sizes)
+  net = bench_torch.resnet(spec).eval()
+  with FlopCounterMode(display=False) as counter:
+    net(torch.zeros(1, 3, 32, 32))
+  assert bench_models.forward_flops(spec) == counter.get_total_flops()
+
+
+def test_vit_flops_match_torch_counter():
+  spec = bench_models.spec("digits")
+  net = bench_torch._vit(spec, "eager").eval()  # eager attention: matmuls the counter sees
+  with FlopCounterMode(display=False) as counter:
+    net(pixel_values=torch.zeros(1, 1, 8, 8))
+  assert bench_models.forward_flops(spec) == counter.get_total_flops()
+
+
+def test_torch_resnet_is_the_tested_reference():
+  """bench_torch's ResNet has the names, shapes and outputs of tests/test_resnet.py's
+  reference, which that file checks against the JAX ResNet weight by weight."""
+  from tests.test_resnet import _torch_resnet
+  for block, name in (("basic", "resnet18"), ("bottleneck", "resnet50")):
+    spec = bench_models.spec(name, resnet_width=4, resnet_stages="2,1,1,1")
+    torch.manual_seed(0)
+    ours, ref = bench_torch.resnet(spec), _torch_resnet((2, 1, 1, 1), block, 4, num_classes=10)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(ours(x), ref(x)[0])  # train mode: batch statistics
+    # And the JAX model of the same name and sizes has as many parameters.
+    shapes = jax.eval_shape(lambda: bench_models.build(name, jax.random.key(0), resnet_width=4,
+                                                       resnet_stages="2,1,1,1")[1])
+    assert models.num_params(shapes["params"]) == sum(p.numel() for p in ours.parameters())
+
+
+def test_chunk_key_equal_exactly_when_the_trainer_reuses_a_compile():
+  """The benchmark's `compiled_by` prediction against the Trainer's own trace count."""
+  t, variables = tiny_trainer(tiny_data())
+  ce = lambda pool, **kw: train.Phase("p", objectives.cross_entropy,
+                                      {"data": train.Stream(pool, **kw)}, train.Optimizer(0.1))
+  mask = train.Inputs(update_mask=jax.tree.map(jnp.ones_like, variables["params"]))
+  adam = train.Phase("p", objectives.cross_entropy, {"data": train.Stream("all", epochs=1)},
+                     train.Optimizer(1e-3, kind="adam"))
+  cases = [  # (phase, inputs, compiles anew)
+      (ce("all", epochs=1), train.Inputs(), True),
+      (ce("forget", epochs=2), train.Inputs(), False),  # pool, length: traced
+      (train.Phase("q", objectives.cross_entropy, {"data": train.Stream("retain", epochs=1)},
+                   train.Optimizer(0.5, momentum=0.0), sign=-1.0), train.Inputs(), False),
+      (train.Phase("p", objectives.kl_uniform, {"data": train.Stream("all", epochs=1)},
+                   train.Optimizer(0.1)), train.Inputs(), True),  # another objective
+      (ce("all", epochs=1), mask, True),  # other method inputs
+      # A batch is padded to a multiple of the device count (the tests' 8: batch 4 runs
+      # at the run's width 8), and batch 16 is another width.
+      (ce("all", epochs=1, batch_size=4), train.Inputs(), t.data.width(4) != t.width),
+      (ce("all", epochs=1, batch_size=16), train.Inputs(), True),
+      (adam, train.Inputs(), True),  # another optimizer kind
+  ]
+  seen = set()
+  for i, (phase, inputs, new) in enumerate(cases):
+    key = bench_jax.chunk_key(t, phase, inputs)
+    assert (key not in seen) == new, i
+    seen.add(key)
+    traces = t.num_traces
+    t.stepper(phase, variables, inputs)
+    assert (t.num_traces > traces) == new, i

@@ -48,8 +48,11 @@ def _sgd(section):
 
 # One bad command-line value for every field of the base config.
 BAD_VALUES = [
-    ("seed", "-1"), ("seeds", "0"), ("scenario", "subclass"), ("forget_class", "10"),
-    ("forget_fraction", "1.0"), ("data.name", "mnist"), ("data.test_size", "0"),
+    ("seed", "-1"), ("seeds", "0"), ("scenario", "sub"), ("forget_class", "-1"),
+    ("forget_subclass", "rocket,lamp"),
+    ("forget_fraction", "1.0"), ("data.name", "CIFAR-10"), ("data.test_size", "0"),
+    ("data.label", "coarse label"), ("data.image_size", "-1"), ("data.mean", "0.5;0.4"),
+    ("data.std", "0"), ("data.augment", "flip"),
     ("data.split_seed", "-1"), ("data.prepare", "maybe"), ("data.synthetic.num_train", "1"),
     ("data.synthetic.num_test", "0"), ("data.synthetic.image_size", "0"),
     ("model.vit.variant", "Ti/32"), ("model.vit.image_size", "0"), ("model.vit.patch_size", "0"),
@@ -73,7 +76,7 @@ BAD_VALUES = [
     ("cluster.process_id", "-2"), ("cluster.timeout_seconds", "0"),
 ]
 # Any string is valid here (a path; "" for off or unset), checked where it is used.
-FREE_TEXT = {"compilation_cache", "data.data_dir", "data.manual_dir", "model.init"}
+FREE_TEXT = {"compilation_cache", "data.data_dir", "data.manual_dir", "data.folder", "model.init"}
 
 
 def test_every_field_has_a_bad_value():

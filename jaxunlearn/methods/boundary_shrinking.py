@@ -12,6 +12,8 @@ each epoch). Pixels are perturbed at their stored resolution, before the resize.
 
 Modes: FGSM and the neighbour labels on the frozen copy in eval mode (a sweep;
 `test_model.eval()` in the reference), the training passes in train mode.
+Augmentation (with `data.augment`): the training passes yes; the FGSM labels are computed
+once on unaugmented images (the reference's loader is augmented).
 """
 import jax
 import jax.numpy as jnp

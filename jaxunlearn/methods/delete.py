@@ -9,6 +9,8 @@ computed once (`base.logits_table`).
 
 Modes: the student in train mode, the teacher in eval mode (its logits table comes
 from an eval-mode sweep), as `delete.py`.
+Augmentation (with `data.augment`): yes (`get_unlearn_loader` reads the training set with
+RandomCrop + flip); the teacher table is computed on unaugmented images.
 """
 import jax
 import jax.numpy as jnp

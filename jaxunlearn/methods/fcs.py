@@ -17,6 +17,7 @@ cross-entropy summed in one step, with both batches cut to their common size.
 Modes: train mode in every stage; the forget and retain batches of a forget round are
 two forward passes (each its own BatchNorm statistics; running statistics updated
 twice per step, forget first), as `kgltop1.py`.
+Augmentation (with `data.augment`): yes (the training transform of deepunlearn's loaders).
 """
 from jaxunlearn import fields, losses, objectives, train
 from jaxunlearn.methods import base

@@ -7,6 +7,7 @@ fine-tuning is the same with lr 1e-4 and 5 epochs: the study configs set that.)
 
 Modes: train mode (BatchNorm on batch statistics, running ones updated), as `FT.py`'s
 `model.train()` loop.
+Augmentation (with `data.augment`): yes, Unlearn-Sparse's retain loader reads the training transform.
 """
 from jaxunlearn import objectives, train
 from jaxunlearn.methods import base

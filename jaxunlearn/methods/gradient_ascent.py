@@ -5,6 +5,7 @@ minimise -CE on forget batches, SGD momentum 0.9, weight decay 5e-4, lr 1e-4
 (class-wise; maintainers grid-search it in [1e-5, 0.1]), 5 epochs.
 
 Modes: train mode, as `GA.py`'s `model.train()` loop.
+Augmentation (with `data.augment`): yes, as Unlearn-Sparse's forget loader.
 """
 from jaxunlearn import objectives, train
 from jaxunlearn.methods import base

@@ -7,6 +7,7 @@ an epoch, linear to 0 over the run), SGD momentum 0.9, weight decay 5e-4, lr 0.0
 10 epochs. alpha is searched there (5e-5 .. 5e-4); 1e-4 here.
 
 Modes: train mode, as `FT.py` (FT_l1).
+Augmentation (with `data.augment`): yes, as FT.
 """
 from jaxunlearn import fields, losses, train
 from jaxunlearn.methods import base

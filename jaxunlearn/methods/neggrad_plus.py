@@ -9,6 +9,7 @@ defaults: alpha 0.95, SGD lr 0.01, momentum 0.9, weight decay 0, 10 epochs.
 Modes: train mode for both passes, retain batch first, then forget batch, as RUM's
 `neggrad.py` (`model.train()`); deepunlearn's `neggradplus.py` runs them in eval mode.
 We follow RUM, the training-loop convention of every other reference here.
+Augmentation (with `data.augment`): yes (the training transform of its loaders).
 """
 from jaxunlearn import fields, losses, train
 from jaxunlearn.methods import base

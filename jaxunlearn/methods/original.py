@@ -4,6 +4,8 @@ Trained from the run's initialisation (random, or pretrained weights with a fres
 head) with `config.train`; every unlearning method starts from it.
 
 Modes: train mode, as Unlearn-Sparse `main_train.py`; evaluation in eval mode.
+Augmentation (with `data.augment`): yes, Original and Gold train on the references' crop
+and flip (Unlearn-Sparse `dataset.py`).
 """
 from jaxunlearn import objectives, train
 from jaxunlearn.methods import base

@@ -8,6 +8,7 @@ retain set with true labels; cross-entropy, one SGD (momentum 0.9, weight decay
 5e-4) across both. lr 0.013, 10 epochs (the SalUn README's setting).
 
 Modes: train mode in both passes, as `RL.py`.
+Augmentation (with `data.augment`): yes, both passes (Unlearn-Saliency's loaders).
 """
 import jax
 

@@ -14,6 +14,8 @@ RL's lr 0.013, 10 epochs, weight decay 5e-4.
 
 Modes: the mask sweep in eval mode (`generate_mask.py` calls `model.eval()`), the
 RL passes in train mode.
+Augmentation (with `data.augment`): the RL passes yes; the mask sweep never (the
+reference's mask loader reads augmented images; a sweep here is deterministic).
 """
 import jax
 import jax.numpy as jnp

@@ -15,6 +15,8 @@ teacher's forward in each step, at a fraction of the cost.
 
 Modes: the student in train mode in both passes, the teacher in eval mode
 (`model_t.eval()`): its logits table comes from an eval-mode sweep.
+Augmentation: none, whatever `data.augment` says: the large-scale notebook builds its
+loaders with `augment=False`.
 """
 from jaxunlearn import fields, losses, train
 from jaxunlearn.methods import base
@@ -51,10 +53,12 @@ def recipe(s):
   phases = []
   for e in range(1, s.epochs + 1):
     if e <= s.max_epochs:
-      forget = train.Stream("forget", epochs=1, batch_size=s.forget_batch_size or None)
+      forget = train.Stream("forget", epochs=1, batch_size=s.forget_batch_size or None,
+                            augment=False)
       phases.append(train.Phase(f"max{e}", max_step, {"data": forget}, opt,
                                 hparams={"temperature": s.temperature}))
-    phases.append(train.Phase(f"min{e}", min_step, {"data": train.Stream("retain", epochs=1)},
+    retain = train.Stream("retain", epochs=1, augment=False)
+    phases.append(train.Phase(f"min{e}", min_step, {"data": retain},
                               opt, hparams={"temperature": s.temperature, "gamma": s.gamma,
                                             "alpha": s.alpha}))
   return train.Recipe(phases, prepare=base.logits_table("all"))

@@ -12,6 +12,7 @@ in data-set order (the reference: 64, unshuffled).
 Modes: both importance sweeps in eval mode (`forget_full_class_strategies.py` calls
 `model.eval()` first), so BatchNorm's running statistics are not changed before the
 dampening; BatchNorm's scale and bias have importances and can be dampened, as there.
+Augmentation: none (sweeps never augment; the reference's `transform_unlearning` has none).
 """
 import jax
 import jax.numpy as jnp

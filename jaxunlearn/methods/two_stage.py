@@ -14,6 +14,7 @@ Defaults are the study's: SGD lr 1e-4, momentum 0.9, 5 epochs, temperature 1.15.
 
 Modes: train mode; z_f and z_r are two forward passes (forget, then retain), as
 the study writes them and as FCS runs them; the study does not state the mode.
+Augmentation (with `data.augment`): yes, as the Original's training.
 """
 import jax.numpy as jnp
 

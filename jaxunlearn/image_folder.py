@@ -1,0 +1,92 @@
+"""A folder of one's own images, in the common class-per-subfolder layout.
+
+  FOLDER/train/<class>/*.png   training images, one subfolder per class
+  FOLDER/test/<class>/*.jpg    test images; every class here must be in train/
+
+`--config.data.name=folder --config.data.folder=FOLDER`. The classes are the
+subfolder names of train/, sorted (torchvision's ImageFolder order), so class k is
+the k-th name. Images are decoded with Pillow and resized to `data.image_size`
+(0: kept, then all must have one size); they are greyscale when every image is,
+else RGB.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from jaxunlearn import datasets, fields
+
+# File types read as images (torchvision ImageFolder's); other files are skipped.
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+# PIL modes loaded as one grey channel; every other mode becomes RGB.
+GREY_MODES = ("1", "L", "LA")
+
+
+def _files(split_dir: str) -> dict[str, list[str]]:
+  """{class: sorted image paths} of one split folder; hidden entries are skipped."""
+  out = {}
+  for name in sorted(os.listdir(split_dir)):
+    class_dir = os.path.join(split_dir, name)
+    if name.startswith(".") or not os.path.isdir(class_dir):
+      continue
+    out[name] = sorted(os.path.join(class_dir, f) for f in os.listdir(class_dir)
+                       if not f.startswith(".") and f.lower().endswith(EXTENSIONS))
+  return out
+
+
+def read(folder: str | None, image_size: int) -> datasets.Dataset:
+  """Every image under folder/train and folder/test, labelled by its subfolder."""
+  from PIL import Image
+  if not folder:
+    fields.fail("data.folder", "is not set; name the folder holding train/<class>/ and "
+                "test/<class>/")
+  folder = os.path.expanduser(folder)
+  splits = {}
+  for split in ("train", "test"):
+    path = os.path.join(folder, split)
+    if not os.path.isdir(path):
+      fields.fail("data.folder", f"{path} is not a folder; the layout is {folder}/train/<class>/* "
+                  f"and {folder}/test/<class>/*")
+    splits[split] = _files(path)
+    if not any(splits[split].values()):
+      fields.fail("data.folder", f"no images in {path}/<class>/ (looked for "
+                  f"{', '.join(EXTENSIONS)})")
+  classes = tuple(splits["train"])
+  if empty := [c for c, paths in splits["train"].items() if not paths]:
+    fields.fail("data.folder", f"class {empty[0]!r} has no images in {folder}/train/{empty[0]}; "
+                "add some or remove the folder")
+  if extra := [c for c in splits["test"] if c not in classes]:
+    fields.fail("data.folder", f"test class {extra[0]!r} ({folder}/test/{extra[0]}) is not in "
+                f"{folder}/train; every test class needs training images")
+
+  # Headers only (Pillow reads the pixels lazily): one channel count, and one size
+  # unless resizing, before decoding anything.
+  paths = [p for split in splits.values() for ps in split.values() for p in ps]
+  sizes, grey = {}, True
+  for p in paths:
+    try:
+      with Image.open(p) as image:
+        sizes.setdefault(image.size, p)
+        grey = grey and image.mode in GREY_MODES
+    except OSError as e:
+      fields.fail("data.folder", f"cannot read image {p}: {e}")
+  if not image_size and len(sizes) > 1:
+    (a, pa), (b, pb) = list(sizes.items())[:2]
+    fields.fail("data.image_size", f"the images differ in size ({pa}: {a[0]}x{a[1]}, {pb}: "
+                f"{b[0]}x{b[1]}); set data.image_size to resize them all when loading")
+  channels = 1 if grey else 3
+  width, height = (image_size, image_size) if image_size else next(iter(sizes))
+
+  def load(split):
+    pairs = [(p, k) for k, c in enumerate(classes) for p in splits[split].get(c, [])]
+    images = np.empty((len(pairs), height, width, channels), np.uint8)
+    for i, (p, _) in enumerate(pairs):
+      with Image.open(p) as image:
+        images[i] = datasets.image_array(image, image_size, channels)
+    return images, np.array([k for _, k in pairs], np.int32)
+
+  train_images, train_labels = load("train")
+  test_images, test_labels = load("test")
+  return datasets.Dataset(train_images, train_labels, test_images, test_labels,
+                          num_classes=len(classes), pixel_max=255.0, class_names=classes)
