@@ -20,17 +20,14 @@ epochs 15, 30 and 35 (`src/conf.py`). Published numbers: SSD's ResNet-18 CIFAR-2
 sub-class table, not copied here for the reason given in `cifar100_resnet18.py`.
 Run time on one GPU: not measured yet.
 """
-import importlib.util
 import os
+
+from jaxunlearn import config
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location(
-      "cifar100_resnet18",
-      os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar100_resnet18.py"))
-  cifar100 = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cifar100)
-  c = cifar100.get_config()
+  c = config.from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "cifar100_resnet18.py"))
   c.data.label = "coarse"
   c.scenario = "subclass"
   c.forget_subclass = "rocket"

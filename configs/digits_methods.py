@@ -28,9 +28,9 @@ round(epochs x 176 / 19) epochs, one driven by the forget set round(epochs x 20 
 Fine-tuning and gradient ascent use their references' settings here (Unlearn-Sparse:
 lr 0.01 / 1e-4, weight decay 5e-4); two-stage keeps the study's (`configs/digits.py`).
 """
-import importlib.util
 import os
 
+from jaxunlearn import config
 from jaxunlearn.methods import finetune, gradient_ascent
 
 # Batches per epoch on CIFAR-10 at the reference batch size, and on digits at 64.
@@ -46,11 +46,7 @@ def _forget_epochs(epochs, ref_batches=_REF_FORGET):
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location(
-      "digits", os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py"))
-  digits = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(digits)
-  c = digits.get_config()
+  c = config.from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py"))
   c.methods = "all"
   c.seeds = "5"
   c.tsne.num_forget = c.tsne.num_retain = 0

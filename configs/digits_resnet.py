@@ -13,16 +13,13 @@ step decay, scaled down), from the same seeded initialisation.
 
 Expected run time and numbers: see the README ("ResNet-18").
 """
-import importlib.util
 import os
+
+from jaxunlearn import config
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location(
-      "digits", os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py"))
-  digits = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(digits)
-  c = digits.get_config()
+  c = config.from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py"))
   c.model.name = "resnet18"
   c.model.resnet.width = 8
   c.train.update(learning_rate=0.05, weight_decay=5e-4, epochs=15, schedule="step",

@@ -151,6 +151,8 @@ class Snapshots:
   `Trainer.run` asks `due()` at every chunk boundary; a snapshot is due every
   `every_chunks` chunks or `every_seconds` seconds (0 turns either off). Only the
   latest is kept; the stage deletes the folder once its final checkpoint exists.
+  Its position is a step (phase, steps done in it), never a chunk index, so a run
+  with another `steps_per_chunk` resumes it exactly.
   """
 
   def __init__(self, path: str, inputs: dict, *, every_chunks: int, every_seconds: float,
@@ -186,5 +188,5 @@ class Snapshots:
     workdir.check_inputs(self.path, record.get("inputs"), self.inputs)
     arrays, record = _read(self.path, "params", template_fn(record["optimizers"]), with_arrays=True)
     self.seconds_before = record["seconds"]
-    return {"phase": record["phase"], "chunk": record["chunk"], "arrays": arrays,
+    return {"phase": record["phase"], "step": record["step"], "arrays": arrays,
             "loss": record["loss"]}

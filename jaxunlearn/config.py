@@ -11,7 +11,7 @@ import re
 
 import ml_collections
 
-from jaxunlearn import augment, datasets, models, optimizers
+from jaxunlearn import augment, datasets, models, optimizers, search
 from jaxunlearn.methods import METHODS
 from jaxunlearn.fields import (check_bool, check_choice, check_float, check_int, check_optimizer,
                                check_str, closest, fail, field_names, field_value, names)
@@ -68,6 +68,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.test_size = 0.25
   # digits only: random_state of the stratified train/test split.
   c.data.split_seed = 0
+  # Tuning (`tune` below) only: the fraction of the training set split off first
+  # (stratified, by tune.seed) as validation data, which plays the test set's part
+  # in every trial; the test set is never seen while tuning.
+  c.data.validation_fraction = 0.1
   # TFDS data sets only: tfds data_dir (None: tfds' default, ~/tensorflow_datasets).
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
   # TFDS data sets only: folder holding the data set's manually downloaded archives
@@ -98,6 +102,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.methods = "finetune,gradient_ascent,two_stage"
   for name, module in METHODS.items():
     c[name] = module.get_config()
+
+  # Tuning every method against Gold before comparing (`jaxunlearn/tune.py`): with
+  # `methods` set, a run searches each method's hyperparameters (its SEARCH_SPACE) on
+  # held-out data, then runs the tuned methods on `seeds` into <workdir>/eval.
+  c.tune = ml_collections.ConfigDict(dict(
+      methods="",  # methods to tune, comma-separated, or "all"; "" runs the study untuned
+      trials=20,  # trials per method (Optuna's; the same budget for every method)
+      objective="avg_gap",  # minimised "avg_gap" or "gap_<metric>", or maximised "tow"
+      sampler="tpe",  # "tpe" (Optuna's TPE, seeded) or "random"
+      seed=1000,  # the tuning seed: its Original, Gold, validation split and sampler
+      minutes=0.0,  # time budget per method (0: none); stops after the running trial
+      # Narrow or fix the declared spaces: "scrub.alpha=1e-3:1e-1,salun.mask_fraction=0.5".
+      space="",
+  ))
+  # A tuned.json (written by a tuning run) whose settings replace the methods' own.
+  c.tuned = ml_collections.FieldReference(None, field_type=str)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 512  # examples per evaluation forward pass, in total
@@ -147,6 +167,16 @@ def get_base_config() -> ml_collections.ConfigDict:
       timeout_seconds=120,
   ))
   return c
+
+
+def from_file(path: str) -> ml_collections.ConfigDict:
+  """The config of another config file (`get_config()`), for a file that derives from it:
+  `from_file(os.path.join(os.path.dirname(__file__), "digits.py"))`."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def seed_list(c) -> tuple[int, ...] | None:
@@ -258,6 +288,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     fail("methods", f"lists a method twice: {','.join(methods)}")
   for m, module in METHODS.items():  # every section, also of methods not run
     module.validate(c, m)
+
+  search.validate(c)
+  if search.method_list(c) and c.tune.seed in (seed_list(c) or (c.seed,)):
+    fail("tune.seed", f"{c.tune.seed} is also an evaluation seed; tuned settings are judged on "
+         "models they were not chosen on: pick a seed outside config.seeds / config.seed")
 
   check_int(c, "eval.batch_size")
   check_int(c, "tsne.num_retain", 0)

@@ -45,37 +45,40 @@ def epoch_keys(key: jax.Array, num_epochs: int) -> jax.Array:
 _split = jax.jit(jax.random.split, static_argnums=1)
 
 
-def stream_keys(key: jax.Array, pool_size: int, *, batch_size: int, num_chunks: int,
+def stream_keys(key: jax.Array, pool_size: int, *, batch_size: int, num_steps: int,
                 chunk: int) -> jax.Array:
-  """The epoch keys `chunk_table` reads for chunks 0..num_chunks-1 of a stream over a pool.
+  """The epoch keys `chunk_table` reads for chunks of a stream's steps [0, num_steps).
 
-  Enough for the last chunk's epochs (dynamic slicing would clamp silently otherwise).
+  Enough for a chunk starting at any of those steps, the last one's epochs included
+  (dynamic slicing would clamp silently otherwise).
   """
   per_epoch = -(-pool_size // batch_size)
-  return epoch_keys(key, num_chunks * chunk // per_epoch + chunk // per_epoch + 2)
+  return epoch_keys(key, max(num_steps - 1, 0) // per_epoch + (chunk - 1) // per_epoch + 2)
 
 
-def chunk_table(keys_E, pool_N, c, num_steps, *, batch_size: int, width: int, chunk: int):
-  """Indices and mask, each (chunk, width), of steps [c * chunk, (c + 1) * chunk) of a stream.
+def chunk_table(keys_E, pool_N, start, num_steps, *, batch_size: int, width: int, chunk: int):
+  """Indices and mask, each (chunk, width), of steps [start, start + chunk) of a stream.
 
   Epoch e is the permutation of `pool_N` drawn with keys_E[e], cut into
   S = ceil(N / batch_size) batches, the last one partial; step s is batch s % S of
   epoch s // S. Rows are padded from batch_size to `width` (a multiple of the
   device count), and steps from `num_steps` on are padding; padding has index 0
-  and mask 0. `c` and `num_steps` are traced, so one compile serves every chunk
-  and stage drawing from pools of this size. `stream_keys` makes keys_E.
+  and mask 0. A step's batch depends on the step alone, not on the chunk size: a
+  run resumed at any step with another `chunk` draws the same batches. `start`
+  and `num_steps` are traced, so one compile serves every chunk and stage drawing
+  from pools of this size. `stream_keys` makes keys_E.
   """
   n = pool_N.shape[0]
   S = -(-n // batch_size)
   m = (chunk - 1) // S + 2  # epochs one chunk can touch
-  first = c * chunk // S
+  first = start // S
   keys = jax.lax.dynamic_slice_in_dim(keys_E, first, m)
   # lax.map, not vmap: the same permutations, and XLA compiles one sort, not a batched one.
   perms_mxN = jax.lax.map(lambda k: jax.random.permutation(k, pool_N), keys)
   pad = ((0, 0), (0, S * batch_size - n))
   rows_idx = jnp.pad(perms_mxN, pad).reshape(m * S, batch_size)
   rows_mask = jnp.pad(jnp.ones((m, n), jnp.float32), pad).reshape(m * S, batch_size)
-  steps_K = c * chunk + jnp.arange(chunk)
+  steps_K = start + jnp.arange(chunk)
   live_K = steps_K < num_steps
   rows_K = steps_K - first * S
   idx = jnp.where(live_K[:, None], rows_idx[rows_K], 0).astype(jnp.int32)

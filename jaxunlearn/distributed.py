@@ -22,10 +22,17 @@ nothing fills in the rest (jax reads no JAX_NUM_PROCESSES / JAX_PROCESS_ID).
   JAX's abort ("the JAX distributed service detected fatal errors"), a C++ message
   with a stack dump rather than one line, but just as bounded;
 - leaving: a finished process waits up to T at JAX's shutdown barrier for the others.
+
+Once joined, and before any work or file, the processes compare their configs
+(`check_same_config`): every field but the per-process ones (`LOCAL_FIELDS`) must
+be equal, else every process stops with the same line naming the first field that
+differs. Processes that ran different configs would write one mixed workdir.
 """
 from __future__ import annotations
 
 import atexit
+import itertools
+import json
 import os
 import socket
 import sys
@@ -40,6 +47,10 @@ ENV = {"coordinator_address": "JAXUNLEARN_COORDINATOR_ADDRESS",
 # The config's defaults, which mean "not given here".
 _UNSET = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
 _ALIVE = "jaxunlearn/alive/"  # + process id: that process's sign-of-life counter, or "exit"
+_CONFIG = "jaxunlearn/config/"  # + call/process id: that process's config (`check_same_config`)
+_calls = itertools.count()  # one key per call: a process may run several studies in a row
+# Config sections and fields each process may set for itself: none changes a result.
+LOCAL_FIELDS = ("progress", "compilation_cache", "cluster")
 
 
 def _first_line(e: BaseException) -> str:
@@ -196,14 +207,74 @@ def _rendezvous(coordinator_address: str, num_processes: int, process_id: int,
                      "there, or fix config.cluster.coordinator_address")
 
 
-def _watch_peers(timeout: int) -> None:
-  """Starts the watchdog thread (see the module docstring) and its stop at exit."""
+def _client():
+  """(JAX's distributed client, this process's id, process count), or None with one process."""
   from jax._src import distributed as jax_distributed  # the client: no public handle
   state = getattr(jax_distributed, "global_state", None)
   client = getattr(state, "client", None)
   if client is None or state.num_processes < 2:
+    return None  # one process, or a jax without this handle
+  return client, state.process_id, state.num_processes
+
+
+def shared_fields(config) -> dict:
+  """{dotted field: value} of every config field the processes must agree on."""
+  def flat(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        yield from flat(v, f"{prefix}{k}.")
+      else:
+        yield prefix + k, v
+  return {f: v for f, v in flat(json.loads(config.to_json()))
+          if f.split(".")[0] not in LOCAL_FIELDS}
+
+
+_MISSING = object()
+
+
+def first_difference(configs: list[dict]) -> str | None:
+  """Where a process's `shared_fields` first differ from process 0's (in field order); None
+  when all agree."""
+  shown = lambda v: "(missing)" if v is _MISSING else repr(v)[:100]
+  for p, c in enumerate(configs[1:], 1):
+    for field in [*configs[0], *(f for f in c if f not in configs[0])]:
+      mine, theirs = configs[0].get(field, _MISSING), c.get(field, _MISSING)
+      if mine != theirs:
+        return f"process {p} has {field}={shown(theirs)}, process 0 has {shown(mine)}"
+  return None
+
+
+def check_same_config(config, timeout: int) -> None:
+  """Stops every process with one line when their configs differ (`LOCAL_FIELDS` aside).
+
+  Each process posts its `shared_fields` to the coordinator's key-value store and
+  reads everyone's, so all reach the same verdict. A no-op with one process.
+  """
+  joined = _client()
+  if joined is None:
+    return
+  client, me, n = joined
+  prefix = f"{_CONFIG}{next(_calls)}/"
+  client.key_value_set(f"{prefix}{me}", json.dumps(shared_fields(config)))
+  configs = []
+  for p in range(n):
+    try:
+      configs.append(json.loads(client.blocking_key_value_get(f"{prefix}{p}", timeout * 1000)))
+    except Exception as e:  # it stopped before comparing
+      raise RuntimeError(f"multi-host: process {p} did not share its config within {timeout} s "
+                         f"(config.cluster.timeout_seconds): {_first_line(e)}") from None
+  difference = first_difference(configs)
+  if difference is not None:
+    raise ValueError(f"multi-host: {difference}; start every process with the same config "
+                     f"(only {', '.join(LOCAL_FIELDS)} may differ)")
+
+
+def _watch_peers(timeout: int) -> None:
+  """Starts the watchdog thread (see the module docstring) and its stop at exit."""
+  joined = _client()
+  if joined is None:
     return  # one process, or a jax without this handle: JAX's heartbeat alone
-  me, n = state.process_id, state.num_processes
+  client, me, n = joined
   stop = threading.Event()
   interval = max(timeout / 10, 0.5)
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxunlearn import metrics, privacy
 
 
-def _predict(env, variables, data, *, width: int, num_batches: int):
+def _predict(env, variables, data, *, width: int, num_batches: int, with_loss: bool = False):
   images_N, labels_N = data
   n = labels_N.shape[0]
   idx = jnp.minimum(jnp.arange(num_batches * width), n - 1)
@@ -21,18 +22,25 @@ def _predict(env, variables, data, *, width: int, num_batches: int):
   def one(idx_B):
     x = env.data.preprocess(env.data.pixels(images_N[idx_B]))
     logits, features, _ = env.model.apply(variables, x, train=False)
-    return jax.nn.softmax(logits, axis=-1), features
+    # From the logits: a loss read off float32 probabilities stops at -log(smallest p).
+    loss_B = optax.softmax_cross_entropy_with_integer_labels(logits, labels_N[idx_B])
+    return jax.nn.softmax(logits, axis=-1), features, loss_B
 
-  probs, feats = jax.lax.map(one, idx)
-  return probs.reshape(-1, probs.shape[-1])[:n], feats.reshape(-1, feats.shape[-1])[:n]
+  probs, feats, loss = jax.lax.map(one, idx)
+  out = probs.reshape(-1, probs.shape[-1])[:n], feats.reshape(-1, feats.shape[-1])[:n]
+  return (*out, loss.reshape(-1)[:n]) if with_loss else out
 
 
-predict = jax.jit(_predict, static_argnums=0, static_argnames=("width", "num_batches"))
-predict.__doc__ = """predict(env, variables, (images, labels), width=, num_batches=) -> (probs_NxC, features_NxD).
+predict = jax.jit(_predict, static_argnums=0,
+                  static_argnames=("width", "num_batches", "with_loss"))
+predict.__doc__ = """predict(env, variables, (images, labels), width=, num_batches=, with_loss=False)
+-> (probs_NxC, features_NxD[, loss_N]).
 
 Every example of a split through the model in eval mode (BatchNorm on its running
 statistics), `num_batches` batches of `width` rows (the last one repeats the last
-example; the extra rows are cut off). `env` is the run's `steps.Env`."""
+example; the extra rows are cut off). `env` is the run's `steps.Env`. `loss_N`: each
+example's cross-entropy computed from its logits (log-softmax), as deepunlearn's
+`evaluation/losses.py` (`CrossEntropyLoss(reduction="none")`)."""
 
 
 @jax.jit
@@ -81,14 +89,15 @@ FORGET_TEST_METRICS = ("forget_test_acc", "entropy_forget_test", "jsd_gold_forge
 
 def privacy_metrics(forget_train_N, forget_test_M, train_probs_NxC, train_labels_N,
                     test_probs_MxC, test_labels_M, train_feats_NxD, test_feats_MxD,
-                    *, seed: int) -> dict[str, float]:
+                    *, train_loss_N, test_loss_M, seed: int) -> dict[str, float]:
   """MIA-efficacy, loss-MIA (+ indiscernibility) and linear-probe forget accuracy of one model.
 
   Non-members are test examples. MIA-efficacy (Unlearn-Sparse): members = the first
   len(non-members) retain-train examples, non-members = the test set without the
-  forgotten classes, targets = the forget set. Loss-MIA (deepunlearn): the forget set
-  against the test examples of its classes (class-wise) or the whole test set
-  (random subset), so Gold scores ~50%. Probe: fit on the frozen features of every
+  forgotten classes, targets = the forget set. Loss-MIA (deepunlearn): the per-example
+  cross-entropy from the logits (`train_loss_N`, `test_loss_M`: `predict(...,
+  with_loss=True)`) of the forget set against the test examples of its classes
+  (class-wise) or the whole test set (random subset), so Gold scores ~50%. Probe: fit on the frozen features of every
   training example (class-wise; scored on the forgotten classes' test examples) or of
   the retain set (random subset; scored on the forget set).
   """
@@ -98,8 +107,7 @@ def privacy_metrics(forget_train_N, forget_test_M, train_probs_NxC, train_labels
   nonmember = test_conf[~forget_test_M]
   member = train_conf[~forget_train_N][:len(nonmember)]
   out = {"mia_efficacy": privacy.mia_efficacy(member, nonmember, train_conf[forget_train_N])}
-  losses_N = -np.log(np.maximum(train_conf, 1e-30))
-  losses_M = -np.log(np.maximum(test_conf, 1e-30))
+  losses_N, losses_M = np.asarray(train_loss_N), np.asarray(test_loss_M)
   mia = privacy.loss_mia(losses_N[forget_train_N],
                          losses_M[forget_test_M] if class_wise else losses_M, seed=seed)
   if mia is not None:  # too few examples: omitted, not faked

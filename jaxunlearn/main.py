@@ -1,5 +1,8 @@
 """Runs the study: `python -m jaxunlearn.main --config configs/digits.py --workdir /tmp/run`.
 
+With `--config.tune.methods=...` (e.g. `configs/digits_tune.py`) it first tunes each
+method against Gold on held-out data (`jaxunlearn/tune.py`), then runs the tuned methods.
+
 Any config field can be overridden, e.g. `--config.forget_class=3 --config.seed=1
 --config.methods=two_stage,finetune --config.salun.mask_fraction=0.3`.
 
@@ -29,6 +32,10 @@ def main(argv):
     config, workdir = validated(FLAGS)
     if FLAGS.check_config:
       print(f"config ok: methods {','.join(config_lib.method_names(config))}")
+      return
+    if config.tune.methods:  # tune each method first, then the tuned comparison
+      from jaxunlearn import tune
+      tune.run(config, workdir)
       return
     from jaxunlearn import pipeline  # after validation: bad input is reported sooner
     pipeline.train_and_evaluate(config, workdir)

@@ -18,8 +18,9 @@ import numpy as np
 from absl import logging
 
 from jaxunlearn import checkpoints, config as config_lib, datasets, distributed, evaluate, methods
-from jaxunlearn import models, recipe as recipe_lib, report, scenario as scenario_lib, scheduler
-from jaxunlearn import train, workdir as workdir_lib
+from jaxunlearn import models, recipe as recipe_lib, report, saturation, scenario as scenario_lib
+from jaxunlearn import scheduler
+from jaxunlearn import search, train, workdir as workdir_lib
 
 
 def build_model(config, data: datasets.Dataset, rng, own=None):
@@ -127,6 +128,42 @@ def _workers(config) -> int:
   return 1
 
 
+def make_trainer(config, model, data: datasets.Dataset, scene) -> train.Trainer:
+  """The run's `Trainer`: the data on the devices with the scenario's pools, the config's
+  batch sizes, chunk size, normalisation and augmentation."""
+  return train.Trainer(
+      model, data, scene.pools(), batch_size=config.batch_size,
+      steps_per_chunk=config.steps_per_chunk, eval_batch_size=config.eval.batch_size,
+      progress=config.progress, augment=config.data.augment,
+      **dict(zip(("mean", "std"), datasets.normalization(config.data, data.train_images.shape[-1]))))
+
+
+def model_metrics(trainer, variables, scenario, gold_test_probs, seed):
+  """Every metric of one model: (metrics, test probabilities, train features), on the host.
+
+  `gold_test_probs` None: the model is Gold (its JSD to itself is 0). A model with
+  non-finite outputs gets {"diverged_step": 0, "diverged_phase": ...} instead of metrics.
+  """
+  train_probs, train_feats, train_loss = trainer.predict(variables, "train", with_loss=True)
+  test_probs, test_feats, test_loss = trainer.predict(variables, "test", with_loss=True)
+  # Host arrays, as restored ones are, so `summarize` compiles once for all models.
+  test_probs, train_probs = np.asarray(test_probs), np.asarray(train_probs)
+  if not (np.isfinite(test_probs).all() and np.isfinite(train_probs).all()):
+    return ({"diverged_step": 0, "diverged_phase": "evaluation (non-finite outputs)"},
+            test_probs, np.asarray(train_feats))
+  gold = test_probs if gold_test_probs is None else np.asarray(gold_test_probs)
+  summary = evaluate.summarize(train_probs, trainer.train[1], test_probs, trainer.test[1],
+                               gold, scenario.forget_train, scenario.forget_test)
+  summary = {k: float(v) for k, v in jax.device_get(summary).items()
+             if scenario.forget_test.any() or k not in evaluate.FORGET_TEST_METRICS}
+  train_labels, test_labels = np.asarray(trainer.train[1]), np.asarray(trainer.test[1])
+  summary.update(evaluate.privacy_metrics(
+      scenario.forget_train, scenario.forget_test, train_probs, train_labels,
+      test_probs, test_labels, np.asarray(train_feats), np.asarray(test_feats),
+      train_loss_N=np.asarray(train_loss), test_loss_M=np.asarray(test_loss), seed=seed))
+  return summary, test_probs, np.asarray(train_feats)
+
+
 def _evaluate(trainer, workdir, name, variables, scenario, gold_test_probs, tsne_idx, inputs, seed):
   """Metrics of one model (checkpointed in workdir/eval), its test probabilities and t-SNE features."""
   path, arrays_name = _artifact(workdir, "eval", name)
@@ -136,22 +173,11 @@ def _evaluate(trainer, workdir, name, variables, scenario, gold_test_probs, tsne
     feats = outputs.get("tsne_features")
     return (record["metrics"], np.asarray(outputs["test_probs"]),
             None if feats is None else np.asarray(feats))
-  train_probs, train_feats = trainer.predict(variables, "train")
-  test_probs, test_feats = trainer.predict(variables, "test")
-  # Host arrays, as restored ones are, so `summarize` compiles once for all models.
-  test_probs = np.asarray(test_probs)
-  gold = test_probs if gold_test_probs is None else np.asarray(gold_test_probs)
-  summary = evaluate.summarize(train_probs, trainer.train[1], test_probs, trainer.test[1],
-                               gold, scenario.forget_train, scenario.forget_test)
-  summary = {k: float(v) for k, v in jax.device_get(summary).items()
-             if scenario.forget_test.any() or k not in evaluate.FORGET_TEST_METRICS}
-  train_labels, test_labels = np.asarray(trainer.train[1]), np.asarray(trainer.test[1])
-  summary.update(evaluate.privacy_metrics(
-      scenario.forget_train, scenario.forget_test, np.asarray(train_probs), train_labels,
-      test_probs, test_labels, np.asarray(train_feats), np.asarray(test_feats), seed=seed))
+  summary, test_probs, train_feats = model_metrics(trainer, variables, scenario,
+                                                   gold_test_probs, seed)
   outputs = {"test_probs": test_probs}
   if len(tsne_idx):  # orbax cannot save an empty array
-    outputs["tsne_features"] = np.asarray(train_feats)[tsne_idx]
+    outputs["tsne_features"] = train_feats[tsne_idx]
   checkpoints.save(path, 0, arrays=outputs, record={"inputs": inputs, "metrics": summary},
                    arrays_name=arrays_name)
   return summary, outputs["test_probs"], outputs.get("tsne_features")
@@ -198,12 +224,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   arrays) replaces `config.data`'s source; `model` (a `models.Model` or a Linen module
   returning (logits, features)) and its `variables` (None: initialised per seed)
   replace `config.model`'s architecture. `config.data`'s normalisation and
-  augmentation still apply.
+  augmentation still apply. `config.tuned` (a tuning run's tuned.json) replaces the
+  methods' settings with the tuned ones.
   """
   config_lib.validate(config)
+  config = search.with_tuned(config)  # config.tuned's settings in the methods' sections
   use_compilation_cache(config.compilation_cache)
   if config.distributed:
     distributed.initialize(config.cluster)
+    distributed.check_same_config(config, config.cluster.timeout_seconds)
   own = None if model is None else (model, variables)
   seeds = config_lib.seed_list(config)
   if seeds is None:
@@ -245,11 +274,7 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None, own=No
   extra = own_inputs(data if own_data else None, own)
   # Input checked, data and weights found: only now is anything written.
   with workdir_lib.claim(config, workdir) as config_dict:
-    trainer = train.Trainer(
-        model, data, scene.pools(), batch_size=config.batch_size,
-        steps_per_chunk=config.steps_per_chunk, eval_batch_size=config.eval.batch_size,
-        progress=config.progress, augment=config.data.augment,
-        **dict(zip(("mean", "std"), datasets.normalization(config.data, data.train_images.shape[-1]))))
+    trainer = make_trainer(config, model, data, scene)
     logging.info("%s: %s / %d test examples; %s with %s parameters; %d device(s)",
                  "own arrays" if own_data else config.data.name, scene.describe(),
                  len(data.test_labels), config.model.name if own is None else "own model",
@@ -266,12 +291,17 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None, own=No
         num_forget=config.tsne.num_forget, seed=config.seed)
     workers = _workers(config)
 
+    recipes = {}
+    for m, module in modules.items():
+      section = config[methods.section_name(m)]
+      recipes[m] = recipe_lib.with_batch_size(module.recipe(section), section.get("batch_size"))
     # What each stage, evaluation and t-SNE is computed from (checked on restore).
     inputs = {}
     for m in modules:
       parent = None if m in methods.TRAINING else inputs["stage/original"]
+      pools = {s.pool for p in recipes[m].phases for s in p.streams.values()}
       inputs[f"stage/{m}"] = workdir_lib.stage_inputs(config, methods.section_name(m), parent,
-                                                      **extra)
+                                                      stage=m, pools=pools, **extra)
     for m in modules:
       inputs[f"eval/{m}"] = {"model": inputs[f"stage/{m}"], "gold": inputs["stage/retrain"],
                              "tsne_examples": [int(i) for i in tsne_idx]}
@@ -288,10 +318,6 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None, own=No
     # (the others' JSD needs Gold's) and t-SNE. Several run at once on a multi-core CPU;
     # the longest chain (Original, then its longest method) goes first. Results do not
     # depend on the order: every stage has its own random key and checkpoint.
-    recipes = {}
-    for m, module in modules.items():
-      section = config[methods.section_name(m)]
-      recipes[m] = recipe_lib.with_batch_size(module.recipe(section), section.get("batch_size"))
     cost = {m: sum(trainer.steps_in(p) * sum(trainer.stream_batch(s) for s in p.streams.values())
                    for p in r.phases) for m, r in recipes.items()}
     longest_method = max([cost[m] for m in method_names] or [0])
@@ -345,6 +371,8 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None, own=No
     for name in stages:
       if "diverged_step" not in results[name]:
         results[name].update(evaluate.gaps_to_gold(results[name], results["retrain"]))
+        # One class for every input, or a loss that stopped changing: marked, as divergence is.
+        results[name].update(saturation.check(done[f"eval/{name}"][1], done[name][1]["loss"]))
     figures = {"loss_curves.png": report.loss_figure({m: done[m][1]["loss"] for m in stages}, names)}
     if len(tsne_idx):
       figures["tsne.png"] = report.tsne_figure(

@@ -1,13 +1,19 @@
 """Results as files a person reads: JSON, tables (Markdown, CSV) and figures.
 
 A run writes its models' metrics; a multi-seed run adds mean ± sd over seeds and
-the forget/retain trade-off figure. Every file is written to a temporary name and
-renamed into place, so a failed run never leaves a half-written file over an
-earlier good one.
+the forget/retain trade-off figure. Every table marks a model whose numbers are no
+result of unlearning: diverged (non-finite, `train.Diverged`) or saturated
+(`saturation.py`).
+
+Every file is written to a temporary name and renamed into place, so a failed run
+never leaves a half-written file over an earlier good one; results.json comes last
+and results.md records its digest (`read`), so a run stopped between the two never
+passes one run's tables off as another's.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -27,9 +33,6 @@ STUDY_COLUMNS = (
     ("retain_train_acc", "Retain Acc (train) %"),
     ("test_acc", "Test Acc (all) %"),
     ("seconds", "Time (s)"),
-    # Present only when a method diverged: the step where its loss or parameters
-    # became non-finite (its other columns stay empty).
-    ("diverged_step", "Diverged at step"),
 )
 # What the field reports: privacy, gaps to Gold (TA = retain test accuracy), efficiency.
 FIELD_COLUMNS = (
@@ -45,15 +48,30 @@ FIELD_COLUMNS = (
     ("tow", "ToW"),
     ("rte", "RTE (x)"),
     ("compile_seconds", "Compile (s)"),
-    ("diverged_seeds", "Diverged (seeds)"),
 )
-COLUMNS = STUDY_COLUMNS + FIELD_COLUMNS
+# Marks, last in every table, each present only when some model has it.
+MARKS = (
+    # The step where its loss or parameters became non-finite (its metrics stay empty).
+    ("diverged_step", "Diverged at step"),
+    # Over seeds: in how many it diverged (its mean and sd are over the others).
+    ("diverged_seeds", "Diverged (seeds)"),
+    # Its predictions collapsed to one class or its loss stopped changing (`saturation.py`):
+    # "class 3", "loss flat from step 12", or both. Its metrics are still shown.
+    ("saturated", "Saturated"),
+    # Over seeds: in how many it saturated (its mean and sd include them).
+    ("saturated_seeds", "Saturated (seeds)"),
+)
+COLUMNS = STUDY_COLUMNS + FIELD_COLUMNS + MARKS
+# What results.json holds for the "saturated" mark.
+SATURATION_KEYS = ("saturated_class", "saturated_step")
 
 
 def _fmt(key, value):
   if value is None:
     return "—"
-  if key in ("diverged_step", "diverged_seeds"):
+  if isinstance(value, str):
+    return value
+  if key in ("diverged_step", "diverged_seeds", "saturated_seeds"):
     return f"{value:.0f}"
   if key in ("seconds", "compile_seconds", "rte"):
     return f"{value:.1f}"
@@ -74,9 +92,25 @@ def _table(rows: list[tuple[str, dict]], columns, cell) -> str:
   return "\n".join([header, rule, *lines]) + "\n"
 
 
+def saturation_text(r: dict) -> str | None:
+  """The "saturated" mark of one model's results ("class 3; loss flat from step 12"), or None."""
+  parts = []
+  if "saturated_class" in r:
+    parts.append(f"class {r['saturated_class']}")
+  if "saturated_step" in r:
+    parts.append(f"loss flat from step {r['saturated_step']}")
+  return "; ".join(parts) or None
+
+
+def _marked(r: dict) -> dict:
+  text = saturation_text(r)
+  return r if text is None else dict(r, saturated=text)
+
+
 def markdown_table(models: dict[str, dict], names: dict[str, str], columns=STUDY_COLUMNS) -> str:
-  """One row per model; columns no model has (e.g. forget-test metrics of a random subset) are left out."""
-  return _table([(names[m], r) for m, r in models.items()], columns,
+  """One row per model; columns no model has (e.g. forget-test metrics of a random subset) are
+  left out; the marks (diverged, saturated) follow `columns`."""
+  return _table([(names[m], _marked(r)) for m, r in models.items()], columns + MARKS,
                 lambda k, r: _fmt(k, r.get(k)))
 
 
@@ -84,6 +118,7 @@ def csv_table(models: dict[str, dict]) -> str:
   out = io.StringIO()
   w = csv.writer(out)
   keys = [k for k, _ in COLUMNS if any(k in r for r in models.values())]
+  keys += [k for k in SATURATION_KEYS if any(k in r for r in models.values())]
   w.writerow(["model", *keys])
   for m, r in models.items():
     w.writerow([m, *(r.get(k, "") for k in keys)])
@@ -200,13 +235,43 @@ def write(workdir: str, config_dict: dict, models: dict[str, dict], names: dict[
   `forgotten` says what the forget set is, with class names ("class 0 (airplane)")."""
   tables = (_forgotten(forgotten) + markdown_table(models, names) + "\n"
             + markdown_table(models, names, FIELD_COLUMNS))
-  atomic_write(os.path.join(workdir, "results.json"),
-               json.dumps({"config": config_dict, "models": models, "names": names}, indent=2))
-  atomic_write(os.path.join(workdir, "results.csv"), csv_table(models))
-  atomic_write(os.path.join(workdir, "results.md"), "# Unlearning results\n\n" + tables)
+  _write_results(workdir, {"config": config_dict, "models": models, "names": names},
+                 "# Unlearning results\n\n" + tables, csv_table(models), figures)
+  return tables
+
+
+# results.md's last line: the digest of the results.json it was written with.
+_DIGEST_LINE = "<!-- results.json sha256 {} -->\n"
+
+
+def _write_results(workdir: str, results: dict, markdown: str, csv_text: str,
+                   figures: dict[str, bytes]) -> None:
+  """The results files, each atomically; results.json last, as the commit.
+
+  A run stopped part-way leaves the previous results.json (or none) beside newer
+  files; results.md names the results.json it belongs to, so `read` tells them apart.
+  """
+  data = json.dumps(results, indent=2)
   for name, png in figures.items():
     atomic_write(os.path.join(workdir, name), png)
-  return tables
+  atomic_write(os.path.join(workdir, "results.csv"), csv_text)
+  atomic_write(os.path.join(workdir, "results.md"),
+               markdown + "\n" + _DIGEST_LINE.format(hashlib.sha256(data.encode()).hexdigest()))
+  atomic_write(os.path.join(workdir, "results.json"), data)
+
+
+def read(workdir: str) -> tuple[dict, str | None]:
+  """(results.json, results.md's text) of a workdir; the text is None when results.md is
+  stale: missing, or written for another results.json (a run stopped between the two)."""
+  with open(os.path.join(workdir, "results.json")) as f:
+    data = f.read()
+  try:
+    with open(os.path.join(workdir, "results.md")) as f:
+      markdown = f.read()
+  except FileNotFoundError:
+    return json.loads(data), None
+  line = _DIGEST_LINE.format(hashlib.sha256(data.encode()).hexdigest())
+  return json.loads(data), (markdown[:-len(line)] if markdown.endswith(line) else None)
 
 
 def aggregate(per_seed: dict[int, dict[str, dict]]) -> tuple[dict, dict]:
@@ -217,7 +282,7 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> tuple[dict, dict]:
     keys = list(dict.fromkeys(k for r in per_seed.values() for k in r.get(m, {})))
     mean[m], std[m] = {}, {}
     for k in keys:
-      if k in ("diverged_step", "diverged_phase"):
+      if k in ("diverged_step", "diverged_phase", *SATURATION_KEYS):
         continue
       values = [r[m][k] for r in per_seed.values() if m in r and isinstance(r[m].get(k), (int, float))]
       if not values:
@@ -227,6 +292,9 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> tuple[dict, dict]:
     diverged = sum("diverged_step" in r.get(m, {}) for r in per_seed.values())
     if diverged:  # the mean and sd above are over the other seeds
       mean[m]["diverged_seeds"], std[m]["diverged_seeds"] = float(diverged), None
+    saturated = sum(saturation_text(r.get(m, {})) is not None for r in per_seed.values())
+    if saturated:  # included in the mean and sd above
+      mean[m]["saturated_seeds"], std[m]["saturated_seeds"] = float(saturated), None
   return mean, std
 
 
@@ -237,14 +305,12 @@ def write_seeds(workdir: str, config_dict: dict, per_seed: dict[int, dict[str, d
   rows = [(names[m], {k: (mean[m][k], std[m].get(k)) for k in mean[m]}) for m in mean]
   cell = lambda k, r: _fmt_sd(k, *r[k]) if k in r else "—"
   summary = (_forgotten(forgotten) + f"Mean ± sd over {len(per_seed)} seeds ({', '.join(map(str, per_seed))})\n\n"
-             + _table(rows, STUDY_COLUMNS, cell) + "\n" + _table(rows, FIELD_COLUMNS, cell))
+             + _table(rows, STUDY_COLUMNS + MARKS, cell) + "\n"
+             + _table(rows, FIELD_COLUMNS + MARKS, cell))
   parts = ["# Unlearning results over seeds\n", summary]
   for seed, models in per_seed.items():
     parts += [f"\n## Seed {seed}\n", markdown_table(models, names), "\n",
               markdown_table(models, names, FIELD_COLUMNS)]
-  atomic_write(os.path.join(workdir, "results.json"), json.dumps(
-      {"config": config_dict, "seeds": {str(s): r for s, r in per_seed.items()},
-       "mean": mean, "std": std, "names": names}, indent=2))
   out = io.StringIO()
   w = csv.writer(out)
   w.writerow(["seed", "model", "metric", "value"])
@@ -252,8 +318,7 @@ def write_seeds(workdir: str, config_dict: dict, per_seed: dict[int, dict[str, d
     for m, r in models.items():
       for k, v in r.items():
         w.writerow([seed, m, k, v])
-  atomic_write(os.path.join(workdir, "results.csv"), out.getvalue())
-  atomic_write(os.path.join(workdir, "results.md"), "\n".join(parts))
-  for name, png in figures.items():
-    atomic_write(os.path.join(workdir, name), png)
+  _write_results(workdir, {"config": config_dict, "seeds": {str(s): r for s, r in per_seed.items()},
+                           "mean": mean, "std": std, "names": names},
+                 "\n".join(parts), out.getvalue(), figures)
   return summary

@@ -31,12 +31,25 @@ class Scenario:
   # What is forgotten, for people: "class 0 (airplane)", "sub-class rocket (19) of
   # class 19 (vehicles_2)", "a random stratified subset".
   what: str = ""
+  # (N,) the class SSD's reference groups each training example by for its full-data
+  # sweep (the label, or the fine class in "subclass"); None: data-set order ("random").
+  sweep_classes: np.ndarray | None = None
 
   def pools(self) -> dict[str, np.ndarray]:
-    """Training-set indices of each pool the trainer draws batches from."""
+    """Training-set indices of each pool the trainer draws batches from.
+
+    "retain_then_forget" is SSD's full-data pool in the reference's order
+    (if-loops/selective-synaptic-dampening `forget_*_main.py`: an unshuffled loader over
+    ConcatDataset(retain, forget), with the retain set built class by class): the retain
+    examples sorted by `sweep_classes` (stable: data-set order within a class), then the
+    forget set.
+    """
     n = len(self.forget_train)
-    return {"all": np.arange(n), "forget": np.flatnonzero(self.forget_train),
-            "retain": np.flatnonzero(~self.forget_train)}
+    forget, retain = np.flatnonzero(self.forget_train), np.flatnonzero(~self.forget_train)
+    grouped = (retain if self.sweep_classes is None
+               else retain[np.argsort(self.sweep_classes[retain], kind="stable")])
+    return {"all": np.arange(n), "forget": forget, "retain": retain,
+            "retain_then_forget": np.r_[grouped, forget]}
 
   def describe(self) -> str:
     return (f"{int(self.forget_train.sum())} forget / {int((~self.forget_train).sum())} retain "
@@ -80,7 +93,10 @@ def _subclass(config, data: datasets.Dataset) -> Scenario:
   c = int(coarse[0])
   what = (f"sub-class {_named(k, data.fine_class_names)} of class "
           f"{_named(c, data.class_names)}")
-  return Scenario("subclass", (c,), forget_train, data.test_fine_labels == k, what)
+  # The reference groups the sub-class scenario's retain set by fine class
+  # (`forget_subclass_strategies.get_classwise_ds` keys on the fine label).
+  return Scenario("subclass", (c,), forget_train, data.test_fine_labels == k, what,
+                  data.train_fine_labels)
 
 
 def from_config(config, data: datasets.Dataset) -> Scenario:
@@ -95,6 +111,7 @@ def from_config(config, data: datasets.Dataset) -> Scenario:
                                      stratify=data.train_labels, random_state=config.seed)
     forget_train = np.zeros(n, bool)
     forget_train[forget_idx] = True
+    # No class grouping: the reference's retain set is a random_split, in no class order.
     return Scenario("random", (), forget_train, np.zeros(len(data.test_labels), bool),
                     f"a random stratified {config.forget_fraction:g} of the training set")
   classes = forget_classes(config)
@@ -104,4 +121,5 @@ def from_config(config, data: datasets.Dataset) -> Scenario:
                      f"set in {config.data.name}; choose other classes")
   what = (f"class{'es' if len(classes) > 1 else ''} "
           + ", ".join(_named(k, data.class_names) for k in classes))
-  return Scenario("class", classes, forget_train, np.isin(data.test_labels, classes), what)
+  return Scenario("class", classes, forget_train, np.isin(data.test_labels, classes), what,
+                  data.train_labels)

@@ -139,22 +139,25 @@ class Trainer:
                                  **optimizer.hyperparams())
     return self.place(opt_state)
 
-  def _plan(self, phase: Phase, rng, *, num_steps: int, first_step: int, total_steps: int,
-            lr_steps: tuple[int, int]):
+  def _plan(self, phase: Phase, rng, *, num_steps: int, start: int, first_step: int,
+            total_steps: int, lr_steps: tuple[int, int]):
     """What a phase's chunks need: static key, traced args, per-chunk inputs.
 
-    Returns (static, args, chunk_xs) with chunk_xs(c) the scanned inputs of chunk c.
+    Returns (static, args, chunk_xs) with chunk_xs(c) the scanned inputs of chunk c,
+    which runs the phase's steps from start + c * steps_per_chunk on (`start`: the
+    steps of the phase already done, on resume). Every step's batch, key and
+    learning rate follow from its number alone, whatever the chunk size.
     `lr_steps` = (steps its optimizer has taken, steps it takes in the run).
     """
     K, opt = self.steps_per_chunk, phase.optimizer
-    num_chunks = max(1, -(-num_steps // K))
+    num_chunks = max(1, -(-(num_steps - start) // K))
     streams = {}  # batch key -> (table program, epoch keys, pool)
     for s_i, (name, s) in enumerate(sorted(phase.streams.items())):
       pool, bs = self.pools[s.pool], self.stream_batch(s)
       keys = stream_keys(jax.random.fold_in(rng, s_i), int(pool.shape[0]), batch_size=bs,
-                         num_chunks=num_chunks, chunk=K)
+                         num_steps=num_steps, chunk=K)
       streams[name] = (self.data.table(bs), keys, pool)
-    all_steps = np.arange(num_chunks * K)
+    all_steps = start + np.arange(num_chunks * K)
     active = (all_steps < num_steps).reshape(num_chunks, K)
     lr = opt.learning_rates(lr_steps[0] + all_steps, lr_steps[1]).reshape(num_chunks, K)
     step_no = (first_step + all_steps).astype(np.int32).reshape(num_chunks, K)
@@ -163,7 +166,8 @@ class Trainer:
         sign=np.float32(phase.sign), opt_hp=opt.hyperparams(), hp=_scalars(phase.hparams)))
 
     def chunk_xs(c):
-      tables = {name: self.compiled(table, (), keys, pool, np.int32(c), np.int32(num_steps))
+      tables = {name: self.compiled(table, (), keys, pool, np.int32(start + c * K),
+                                    np.int32(num_steps))
                 for name, (table, keys, pool) in streams.items()}
       return dict(active=active[c], lr=lr[c], step=step_no[c], streams=tables)
 
@@ -195,11 +199,13 @@ class Trainer:
 
     `snapshots` (optional) is asked at every chunk boundary whether a snapshot is
     `due()`; if so its `save(position, arrays, log)` gets the full training state:
-    position {"phase", "chunk"} (the next chunk to run), arrays {"params",
-    "model_state", "opt": {optimizer name: state}} and the losses so far. `resume`
-    (such a snapshot, as `snapshot_template` restores it, plus "loss") continues
-    from there: the same steps, batches and keys as an uninterrupted run, so the
-    same result. A non-finite loss or parameter raises `Diverged` with the step.
+    position {"phase", "step"} (the phase's index and its steps done: a step, not
+    a chunk, so any chunk size can resume it), arrays {"params", "model_state",
+    "opt": {optimizer name: state}} and the losses so far. `resume` (such a
+    snapshot, as `snapshot_template` restores it, plus "loss") continues from
+    there, with this trainer's `steps_per_chunk` whatever the snapshot's was: the
+    same steps, batches and keys as an uninterrupted run, so the same result. A
+    non-finite loss or parameter raises `Diverged` with the step.
     """
     if not isinstance(recipe, Recipe):
       recipe = Recipe(list(recipe))
@@ -217,9 +223,9 @@ class Trainer:
         raise ValueError(f"{desc}: phases share optimizer {p.optimizer.name!r} with different settings")
     params, state = variables["params"], model_state(variables)
     opt_states: dict[str, Any] = {}
-    start_phase, start_chunk = 0, 0
+    start_phase, start_step = 0, 0
     if resume:
-      start_phase, start_chunk = resume["phase"], resume["chunk"]
+      start_phase, start_step = resume["phase"], resume["step"]
       arrays = resume["arrays"]
       params, state, opt_states = arrays["params"], arrays["model_state"], dict(arrays["opt"])
     opt_done = dict.fromkeys(per_opt, 0)
@@ -237,23 +243,25 @@ class Trainer:
       if opt.name not in opt_states:
         opt_states[opt.name] = self.new_state(params, opt)
       train_state = dict(params=params, model_state=state, opt=opt_states.pop(opt.name))
+      first = start_step if p_i == start_phase else 0  # the phase's steps done
       static, args, chunk_xs = self._plan(
-          phase, jax.random.fold_in(rng, p_i), num_steps=num_steps, first_step=done,
-          total_steps=sum(counts), lr_steps=(opt_done[opt.name], per_opt[opt.name]))
-      num_chunks = -(-num_steps // K)
+          phase, jax.random.fold_in(rng, p_i), num_steps=num_steps, start=first,
+          first_step=done, total_steps=sum(counts),
+          lr_steps=(opt_done[opt.name], per_opt[opt.name]))
+      num_chunks = -(-(num_steps - first) // K)
       if len(phases) > 1:
         bar.set_description(f"{desc}/{phase.name}")
       pending = None
-      first = start_chunk if p_i == start_phase else 0
-      for c in range(first, num_chunks + 1):
+      for c in range(num_chunks + 1):
+        step = first + c * K  # the chunk's first step in the phase
         if self.cancel.is_set():
           raise Cancelled(f"{desc}: stopped because another stage failed")
-        if (snapshots is not None and c < num_chunks and (p_i, c) != (start_phase, start_chunk)
+        if (snapshots is not None and c < num_chunks and (p_i, step) != (start_phase, start_step)
             and snapshots.due()):
           if pending is not None:  # the log must hold every step before the snapshot
             seen += self._report(pending, bar, phase, log, t0, seen)
             pending = None
-          snapshots.save({"phase": p_i, "chunk": c},
+          snapshots.save({"phase": p_i, "step": step},
                          {"params": train_state["params"], "model_state": train_state["model_state"],
                           "opt": {**opt_states, opt.name: train_state["opt"]}}, log)
         if c < num_chunks:
@@ -261,7 +269,7 @@ class Trainer:
         # Read the previous chunk's metrics while this one runs: no host stall.
         if pending is not None:
           seen += self._report(pending, bar, phase, log, t0, seen)
-        pending = (metrics, min(K, num_steps - c * K), done + c * K) if c < num_chunks else None
+        pending = (metrics, min(K, num_steps - step), done + step) if c < num_chunks else None
       params, state = train_state["params"], train_state["model_state"]
       opt_states[opt.name] = train_state["opt"]
       opt_done[opt.name] += num_steps
@@ -312,7 +320,7 @@ class Trainer:
     rng = jax.random.key(0) if rng is None else rng
     before = self.compile_seconds()
     num_steps = self.steps_per_chunk
-    static, args, chunk_xs = self._plan(phase, rng, num_steps=num_steps, first_step=0,
+    static, args, chunk_xs = self._plan(phase, rng, num_steps=num_steps, start=0, first_step=0,
                                         total_steps=num_steps, lr_steps=(0, num_steps))
     xs = chunk_xs(0)
     inputs = self.place(inputs or Inputs())
@@ -347,10 +355,11 @@ class Trainer:
 
   # ---- evaluation ----
 
-  def predict(self, variables, split: str):
-    """Class probabilities (N, C) and features (N, D) of every example of a split (eval mode)."""
+  def predict(self, variables, split: str, with_loss: bool = False):
+    """Class probabilities (N, C) and features (N, D) of every example of a split (eval mode);
+    `with_loss`: also each example's cross-entropy (N,), from the logits."""
     data = self.train if split == "train" else self.test
     n = int(data[1].shape[0])
     return evaluate.predict(self.env, self.place(variables), data, width=self.eval_width,
-                            num_batches=-(-n // self.eval_width))
+                            num_batches=-(-n // self.eval_width), with_loss=with_loss)
 

@@ -1,7 +1,8 @@
 """The workdir: where a run's checkpoints and results live, and what each was computed from.
 
-Every stage's checkpoint records its inputs: the config fields that determine it
-(`stage_inputs`) and the inputs of the stage it started from. A restore compares
+Every stage's checkpoint records its inputs: what makes it that stage (its name and
+the pools it trains on), the config fields that determine it (`stage_inputs`) and
+the inputs of the stage it started from. A restore compares
 them with the current run's and stops with one line on any difference, so a
 workdir never serves results computed from something else. Different method lists
 share a workdir: a new method reuses the Original and Gold already trained there.
@@ -43,9 +44,16 @@ def _plain(value):
   return json.loads(json.dumps(value))  # tuples -> lists, as JSON gives them back
 
 
-def stage_inputs(config, section: str | None, parent: dict | None = None, **extra) -> dict:
-  """What a stage's result depends on: the common fields, its section, its parent's inputs."""
-  out = {f: _plain(config[f]) for f in COMMON_FIELDS}
+def stage_inputs(config, section: str | None, parent: dict | None = None, *, stage: str,
+                 pools, **extra) -> dict:
+  """What a stage's result depends on: the common fields, its section, its parent's inputs.
+
+  `stage` (its name) and `pools` (the training pools its streams draw from) make the
+  record the stage's own: Original and Gold share their section and parent, so
+  without them a copy of checkpoints/original would pass for checkpoints/retrain.
+  """
+  out = {"stage": stage, "pool": sorted(pools)}
+  out.update({f: _plain(config[f]) for f in COMMON_FIELDS})
   if section is not None:
     out[section] = _plain(config[section])
   if parent is not None:
@@ -72,7 +80,9 @@ def check_inputs(path: str, recorded: dict | None, expected: dict) -> None:
     raise ValueError(f"{path} records no inputs (written by an older jaxunlearn); "
                      f"delete it to recompute it, or use a new --workdir")
   old, new = _flat(recorded), _flat(expected)
-  diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  # A stage's name first: a folder holding another stage says so, not a field it implies.
+  diff = sorted((k for k in old.keys() | new.keys() if old.get(k) != new.get(k)),
+                key=lambda k: (k.rsplit(".", 1)[-1] != "stage", k))
   k = diff[0]
   raise ValueError(f"{path} was computed with {k}={old.get(k)!r}, this run has {new.get(k)!r} "
                    f"({len(diff)} field(s) differ); use a new --workdir to keep both, or delete "

@@ -10,7 +10,6 @@ the package's config, PyTorch in bench_torch.py.
 """
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 from typing import Any
 
@@ -27,10 +26,7 @@ MODELS = ("ti16", "digits", *resnet.VARIANTS)
 
 
 def _digits_config():
-  spec = importlib.util.spec_from_file_location("digits_config", _REPO / "configs" / "digits.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.from_file(str(_REPO / "configs" / "digits.py"))
 
 
 def config(name: str, *, depth: int = 0, resnet_width: int = 0, resnet_stages: str = "",

@@ -155,7 +155,7 @@ def benchmark_config(name: str, batch_size: int, dtype: str, args, peak: dict) -
                                      num_test=K * batch_size)
   forget = bench_models.FORGET_CLASS
   pools = scenario.Scenario("class", (forget,), data.train_labels == forget,
-                            data.test_labels == forget).pools()
+                            data.test_labels == forget, sweep_classes=data.train_labels).pools()
   trainer = train.Trainer(model, data, pools, batch_size=batch_size, steps_per_chunk=K,
                           eval_batch_size=batch_size, progress=False)
   base = config_lib.get_base_config()

@@ -46,6 +46,7 @@ ROWS = [
     "scrub/prepare", "scrub/max_step", "scrub/min_step",
     "boundary_shrinking/prepare", "boundary_shrinking/shrink",
     "ssd/prepare", "ssd/run",
+    "ssd_det/prepare", "ssd_det/run",
     "delete/prepare", "delete/decoupled_kl",
     "fcs/kl_uniform", "fcs/contrastive", "fcs/cross_entropy",
     "eval",

@@ -18,9 +18,9 @@ import pytest
 from scipy import stats
 from scipy.special import log_softmax as np_log_softmax, softmax as np_softmax
 
-from jaxunlearn import datasets, objectives, train
+from jaxunlearn import datasets, objectives, scenario, train
 from jaxunlearn.methods import (METHODS, boundary_shrinking, delete, fcs, l1_sparse, neggrad_plus,
-                                random_labels, salun, scrub, ssd, two_stage)
+                                random_labels, salun, scrub, ssd, ssd_det, two_stage)
 
 C = 3  # classes of the tiny data set
 FORGET_CLASS = 0
@@ -124,8 +124,8 @@ def streams(phase):
 def setup():
   data = tiny_data()
   forget = data.train_labels == FORGET_CLASS
-  pools = {"all": np.arange(len(forget)), "forget": np.flatnonzero(forget),
-           "retain": np.flatnonzero(~forget)}
+  pools = scenario.Scenario("class", (FORGET_CLASS,), forget, data.test_labels == FORGET_CLASS,
+                            sweep_classes=data.train_labels).pools()
   model = Linear(C)
   init = {"params": model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))["params"]}
   trainer = train.Trainer(model, data, pools, batch_size=BATCH, steps_per_chunk=8,
@@ -153,7 +153,9 @@ RUNS = {
     "neggrad_plus": dict(epochs=2, learning_rate=0.1, alpha=0.5),
     "scrub": dict(epochs=2, learning_rate=0.1, max_epochs=1),
     "boundary_shrinking": dict(epochs=1, learning_rate=0.1),
-    "ssd": dict(),
+    # Class-grouped I_D batches keep the tiny model's I_f / I_D below 2.6 (data-set order: 13).
+    "ssd": dict(alpha=1.5),
+    "ssd_det": dict(alpha=1.5),
     "delete": dict(epochs=2, learning_rate=0.1),
     "fcs": dict(epochs=1, stage1_learning_rate=0.05, learning_rate=0.05),
 }
@@ -345,33 +347,103 @@ def test_ssd_dampens_weights_much_more_important_to_the_forget_set(alpha, lam):
   assert clipped_any == (lam > alpha)  # a factor above 1 needs lambda > alpha
 
 
-def np_importance(setup, pool):
-  """SSD's calc_importance: the squared batch-mean CE gradient, averaged over the batches."""
+def reference_full_order(labels, forget_class):
+  """SSD's full_train_dl order, built as its loaders are: classwise lists (get_classwise_ds),
+  the retain set class by class (build_retain_forget_sets), then ConcatDataset(retain, forget)."""
+  classwise = {c: [] for c in range(int(labels.max()) + 1)}
+  for i, y in enumerate(labels):
+    classwise[int(y)].append(i)
+  retain = [i for c in classwise if c != forget_class for i in classwise[c]]
+  return np.array(retain + classwise[forget_class])
+
+
+def np_importance(setup, order):
+  """SSD's calc_importance over batches of `order`: the squared batch-mean CE gradient,
+  averaged over the batches."""
   kernel, bias = np_head(setup["original"])
   y = setup["data"].train_labels
   sq = [np.zeros_like(kernel), np.zeros_like(bias)]
-  batches = pool_batches(setup["pools"][pool])
+  batches = pool_batches(order)
   for idx in batches:
     for acc, g in zip(sq, np_ce_grads(kernel, bias, np_inputs(setup["data"], idx), y[idx])):
       acc += g ** 2
   return {"kernel": sq[0] / len(batches), "bias": sq[1] / len(batches)}
 
 
+def np_example_importance(setup, idx):
+  """SSD-Det's calc_importance: each example's CE gradient alone, squared, averaged over examples."""
+  kernel, bias = np_head(setup["original"])
+  y = setup["data"].train_labels
+  sq = [np.zeros_like(kernel), np.zeros_like(bias)]
+  for i in idx:
+    for acc, g in zip(sq, np_ce_grads(kernel, bias, np_inputs(setup["data"], [i]), y[[i]])):
+      acc += g ** 2
+  return {"kernel": sq[0] / len(idx), "bias": sq[1] / len(idx)}
+
+
+def assert_head_close(got, want, **kw):
+  for k in want:
+    np.testing.assert_allclose(got["head"][k], want[k], **kw)
+
+
+def test_ssd_full_pool_is_the_reference_loader_order():
+  r = np.random.default_rng(7)
+  labels = r.integers(0, 5, 200)
+  forget = labels == 2
+  scene = scenario.Scenario("class", (2,), forget, np.zeros(0, bool), sweep_classes=labels)
+  np.testing.assert_array_equal(scene.pools()[ssd.FULL_POOL], reference_full_order(labels, 2))
+  # Sub-class: the reference keys its classwise lists on the fine label, not the coarse one.
+  fine = r.integers(0, 10, 200)
+  scene = scenario.Scenario("subclass", (1,), fine == 3, np.zeros(0, bool),
+                            sweep_classes=fine)
+  np.testing.assert_array_equal(scene.pools()[ssd.FULL_POOL], reference_full_order(fine, 3))
+  # Random subset: the retain set in data-set order, then the forget set.
+  scene = scenario.Scenario("random", (), forget, np.zeros(0, bool))
+  np.testing.assert_array_equal(scene.pools()[ssd.FULL_POOL],
+                                np.r_[np.flatnonzero(~forget), np.flatnonzero(forget)])
+
+
 def test_ssd_importances_and_edit_match_numpy(setup):
   t = setup["trainer"]
   s = config("ssd")
-  got = {pool: ssd.importance(t, setup["original"], pool) for pool in ("forget", "all")}
-  for pool in got:
-    want = np_importance(setup, pool)
-    for k in want:
-      np.testing.assert_allclose(got[pool]["head"][k], want[k], rtol=1e-4, atol=1e-10)
+  order = {"forget": np.flatnonzero(setup["forget"]),
+           ssd.FULL_POOL: reference_full_order(setup["data"].train_labels, FORGET_CLASS)}
+  got = {pool: ssd.importance(t, setup["original"], pool) for pool in order}
+  for pool, idx in order.items():
+    assert_head_close(got[pool], np_importance(setup, idx), rtol=1e-4, atol=1e-10)
+  # The order matters: data-set order (the pool "all") gives another I_D.
+  mixed = np_importance(setup, np.arange(len(setup["forget"])))
+  assert np.max(np.abs(mixed["kernel"] / got[ssd.FULL_POOL]["head"]["kernel"] - 1)) > 0.05
   params, _ = t.run(setup["original"], ssd.recipe(s), jax.random.key(0), "ssd")
   n_selected = 0
   for k in ("kernel", "bias"):
-    i_f, i_d = (np.asarray(got[p]["head"][k]) for p in ("forget", "all"))
+    i_f, i_d = (np.asarray(got[p]["head"][k]) for p in ("forget", ssd.FULL_POOL))
     theta = np.asarray(setup["original"]["params"]["head"][k])
     want, selected, _ = np_dampen(theta, i_f, i_d, np.float32(s.alpha), np.float32(s.dampening))
     np.testing.assert_allclose(params["params"]["head"][k], want, rtol=1e-6, atol=1e-8)
+    n_selected += selected.sum()
+  assert n_selected > 0
+
+
+@pytest.mark.parametrize("batch_size", [5, 8, 64])  # padded rows; partial last batch; one batch
+def test_ssd_det_importance_is_the_mean_squared_per_example_gradient(setup, batch_size):
+  t, pools = setup["trainer"], setup["pools"]
+  for pool in ("forget", ssd.FULL_POOL, "all"):
+    got = ssd_det.importance(t, setup["original"], pool, batch_size)
+    assert_head_close(got, np_example_importance(setup, pools[pool]), rtol=1e-4, atol=1e-10)
+
+
+def test_ssd_det_edit_dampens_with_per_example_importances(setup):
+  s = config("ssd_det")
+  params, _ = setup["trainer"].run(setup["original"], ssd_det.recipe(s), jax.random.key(0),
+                                   "ssd_det")
+  i_f = np_example_importance(setup, np.flatnonzero(setup["forget"]))
+  i_d = np_example_importance(setup, np.arange(len(setup["forget"])))
+  n_selected = 0
+  for k in ("kernel", "bias"):
+    theta = np.asarray(setup["original"]["params"]["head"][k], np.float64)
+    want, selected, _ = np_dampen(theta, i_f[k], i_d[k], s.alpha, s.dampening)
+    np.testing.assert_allclose(params["params"]["head"][k], want, rtol=1e-5, atol=1e-7)
     n_selected += selected.sum()
   assert n_selected > 0
 
@@ -571,8 +643,9 @@ def test_recipe_phases_read_the_reference_pools(name):
   assert sgd_values(phases[0].optimizer) == sgd_values(OPTIMIZERS[name])
 
 
-def test_ssd_trains_nothing_and_edits_with_its_hyperparameters():
-  recipe = ssd.recipe(ssd.get_config())
+@pytest.mark.parametrize("module", [ssd, ssd_det])
+def test_ssd_trains_nothing_and_edits_with_its_hyperparameters(module):
+  recipe = module.recipe(module.get_config())
   assert recipe.phases == [] and recipe.edit is ssd.dampen
   assert dict(recipe.edit_hparams) == {"alpha": 5.0, "dampening": 1.0}  # ViT full-class values
 

@@ -60,13 +60,14 @@ def start(argv, devices: int, log) -> subprocess.Popen:
   return p
 
 
-def start_cluster(workdir, n: int, *extra, devices: int = 2) -> list[subprocess.Popen]:
-  """Processes 0..n-1 of one run on localhost, logging beside `workdir`."""
+def start_cluster(workdir, n: int, *extra, devices: int = 2, each=None) -> list[subprocess.Popen]:
+  """Processes 0..n-1 of one run on localhost, logging beside `workdir`; `each[i]`: process
+  i's own extra arguments."""
   port = free_port()
   return [start(command(workdir, "--config.distributed=true",
                         f"--config.cluster.coordinator_address=127.0.0.1:{port}",
                         f"--config.cluster.num_processes={n}", f"--config.cluster.process_id={i}",
-                        *extra), devices, f"{workdir}-{i}")
+                        *extra, *(each[i] if each else ())), devices, f"{workdir}-{i}")
           for i in range(n)]
 
 
@@ -193,6 +194,41 @@ def test_a_process_without_its_coordinator_stops_with_one_line(tmp_path):
   assert last.startswith(f"error: multi-host: process 1 could not reach process 0 at "
                          f"127.0.0.1:{port} within 2 s"), out.stderr[-2000:]
   assert not (tmp_path / "config.json").exists()
+
+
+# ---- every process runs the same config ----
+
+def test_processes_must_agree_on_every_field_but_their_own():
+  from jaxunlearn import config as config_lib
+  base = config_lib.get_base_config()
+  mine = base.copy_and_resolve_references()
+  mine.progress, mine.compilation_cache = False, "/elsewhere"
+  mine.cluster.process_id, mine.cluster.coordinator_address = 1, "10.0.0.1:1234"
+  same = [distributed.shared_fields(base), distributed.shared_fields(mine)]
+  assert distributed.first_difference(same) is None
+  assert not any(f.startswith(("progress", "compilation_cache", "cluster.")) for f in same[0])
+  mine.train.epochs, mine.forget_class = 21, "3"
+  configs = [*same, distributed.shared_fields(mine)]
+  # The first field in config order (forget_class comes before train), of the first process.
+  assert distributed.first_difference(configs) == (
+      "process 2 has forget_class='3', process 0 has '0'")
+
+
+@pytest.mark.parametrize("differs, message", [
+    ("--config.forget_class=3", "process 1 has forget_class='3', process 0 has '0'"),
+    ("--config.train.epochs=3", "process 1 has train.epochs=3, process 0 has 2"),
+])
+def test_processes_with_different_configs_stop_with_one_line(tmp_path, differs, message):
+  workdir = tmp_path / "w"
+  procs = start_cluster(workdir, 2, "--config.cluster.timeout_seconds=60", each=[[], [differs]])
+  outs = wait(procs, timeout=240)
+  for p, (stdout, stderr) in zip(procs, outs):
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: multi-host: {message}; start every process with the same config "
+                      "(only progress, compilation_cache, cluster may differ)  (--traceback for "
+                      "details)"], stderr[-3000:]
+    assert p.returncode == 2, stderr[-3000:]
+  assert not workdir.exists()  # nothing written: the workdir is not even made
 
 
 # ---- a run on two processes ----

@@ -1,8 +1,11 @@
 """The field's metrics (privacy, gaps to Gold, seeds) against independent computations."""
+import jax
 import numpy as np
 import pytest
+from scipy.special import log_softmax
 
-from jaxunlearn import evaluate, privacy, report
+from jaxunlearn import evaluate, privacy, report, train
+from tests.test_methods import C, Linear, tiny_data
 
 rng = np.random.default_rng(0)
 
@@ -70,31 +73,54 @@ def test_privacy_metrics_pick_the_reference_sets(monkeypatch):
   ytr, yte = np.arange(N) % C, np.arange(M) % C
   ptr, pte = rng.dirichlet(np.ones(C), N), rng.dirichlet(np.ones(C), M)
   ftr, fte = rng.normal(size=(N, 4)), rng.normal(size=(M, 4))
+  ltr, lte = rng.exponential(size=N), rng.exponential(size=M)  # losses, as predict gives them
+  losses = dict(train_loss_N=ltr, test_loss_M=lte)
   # Class-wise, class 1.
-  evaluate.privacy_metrics(ytr == 1, yte == 1, ptr, ytr, pte, yte, ftr, fte, seed=0)
+  evaluate.privacy_metrics(ytr == 1, yte == 1, ptr, ytr, pte, yte, ftr, fte, **losses, seed=0)
   conf_tr, conf_te = ptr[np.arange(N), ytr], pte[np.arange(M), yte]
   member, nonmember, target = seen["mia"]
   np.testing.assert_array_equal(nonmember, conf_te[yte != 1])  # test set without the class
   np.testing.assert_array_equal(member, conf_tr[ytr != 1][:8])  # first len(non-members) retain
   np.testing.assert_array_equal(target, conf_tr[ytr == 1])
   f, n = seen["loss"]
-  np.testing.assert_allclose(f, -np.log(conf_tr[ytr == 1]))
-  np.testing.assert_allclose(n, -np.log(conf_te[yte == 1]))  # same-class test examples
+  np.testing.assert_array_equal(f, ltr[ytr == 1])
+  np.testing.assert_array_equal(n, lte[yte == 1])  # same-class test examples
   a, b, c, d = seen["probe"]
   np.testing.assert_array_equal(a, ftr)  # fit on every training example
   np.testing.assert_array_equal(c, fte[yte == 1])  # scored on the class's test examples
   # Random subset: no test example is forgotten.
   forget = np.zeros(N, bool)
   forget[::5] = True
-  evaluate.privacy_metrics(forget, np.zeros(M, bool), ptr, ytr, pte, yte, ftr, fte, seed=0)
+  evaluate.privacy_metrics(forget, np.zeros(M, bool), ptr, ytr, pte, yte, ftr, fte, **losses,
+                           seed=0)
   member, nonmember, target = seen["mia"]
   np.testing.assert_array_equal(nonmember, conf_te)
   np.testing.assert_array_equal(member, conf_tr[~forget][:M])
   f, n = seen["loss"]
-  np.testing.assert_allclose(n, -np.log(conf_te))
+  np.testing.assert_array_equal(f, ltr[forget])
+  np.testing.assert_array_equal(n, lte)
   a, b, c, d = seen["probe"]
   np.testing.assert_array_equal(a, ftr[~forget])
   np.testing.assert_array_equal(c, ftr[forget])
+
+
+def test_predicted_losses_come_from_the_logits_even_on_a_collapsed_model():
+  # A collapsed model: logits thousands apart, so every probability but the top one is
+  # 0 in float32 and a loss read off probabilities would stop at -log(1e-30) = 69.08.
+  data = tiny_data()
+  t = train.Trainer(Linear(C), data, {"all": np.arange(len(data.train_labels))}, batch_size=8,
+                    steps_per_chunk=2, eval_batch_size=16, progress=False)
+  kernel = (rng.normal(size=(16, C)) * 300).astype(np.float32)
+  bias = np.array([0.0, 1e4, -1e4], np.float32)
+  variables = {"params": {"head": {"kernel": kernel, "bias": bias}}}
+  for split, (x_u8, y) in (("train", (data.train_images, data.train_labels)),
+                           ("test", (data.test_images, data.test_labels))):
+    probs, _, loss = jax.device_get(t.predict(variables, split, with_loss=True))
+    h = ((x_u8.astype(np.float64) / data.pixel_max - 0.5) / 0.5).reshape(len(y), -1)
+    want = -log_softmax(h @ kernel.astype(np.float64) + bias, -1)[np.arange(len(y)), y]
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    assert want.max() > 1e4 and (probs[np.arange(len(y)), y] == 0).any()  # it is collapsed
+    np.testing.assert_array_equal(probs, jax.device_get(t.predict(variables, split)[0]))
 
 
 def test_gaps_to_gold_avg_gap_tow_and_rte():

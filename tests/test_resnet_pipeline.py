@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from jaxunlearn import checkpoints, pipeline
+from jaxunlearn.methods import METHODS
 from tests.test_pipeline import ROOT, load_config
 from tests.test_reliability import Crash, read_results, without_timing
 
@@ -47,7 +48,7 @@ def test_every_method_random_scenario_and_seeds_from_the_command_line(tmp_path):
   assert results["config"]["model"]["name"] == "resnet18"
   assert set(results["seeds"]) == {"0", "1"}
   for seed in results["seeds"].values():
-    assert len(seed) == 14  # Original, Gold and the twelve methods
+    assert len(seed) == 2 + len(METHODS)  # Original, Gold and every method
     for name, row in seed.items():
       assert "diverged_step" in row or 0 <= row["retain_test_acc"] <= 100, (name, row)
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxunlearn import objectives, steps, train
+from jaxunlearn import objectives, scenario, steps, train
 from jaxunlearn.methods import METHODS, two_stage
 from jaxunlearn.models import base, resnet
 from tests.test_methods import FORGET_CLASS, config, tiny_data
@@ -24,8 +24,8 @@ def tiny_resnet(num_classes=3):
 
 def make_trainer(data, *, mesh=None, batch_size=8, chunk=4):
   forget = data.train_labels == FORGET_CLASS
-  pools = {"all": np.arange(len(forget)), "forget": np.flatnonzero(forget),
-           "retain": np.flatnonzero(~forget)}
+  pools = scenario.Scenario("class", (FORGET_CLASS,), forget, data.test_labels == FORGET_CLASS,
+                            sweep_classes=data.train_labels).pools()
   model = tiny_resnet(data.num_classes)
   variables = model.init(jax.random.key(0), (1, *data.train_images.shape[1:]))
   t = train.Trainer(model, data, pools, batch_size=batch_size, steps_per_chunk=chunk,

@@ -53,9 +53,9 @@ def one_device_mesh():
 def whole_stream(key, pool, *, batch_size, width, num_steps, chunk):
   """Every chunk_table of a stream, stacked: (num_chunks, chunk, width) indices and mask."""
   num_chunks = -(-num_steps // chunk)
-  keys = train.stream_keys(key, pool.shape[0], batch_size=batch_size, num_chunks=num_chunks,
+  keys = train.stream_keys(key, pool.shape[0], batch_size=batch_size, num_steps=num_steps,
                            chunk=chunk)
-  out = [train.chunk_table(keys, pool, c, num_steps, batch_size=batch_size, width=width,
+  out = [train.chunk_table(keys, pool, c * chunk, num_steps, batch_size=batch_size, width=width,
                            chunk=chunk) for c in range(num_chunks)]
   return np.stack([np.asarray(i) for i, _ in out]), np.stack([np.asarray(m) for _, m in out])
 
@@ -339,3 +339,58 @@ def test_nan_loss_raises():
   bad = jax.tree.map(lambda x: x * np.nan, params)
   with pytest.raises(FloatingPointError, match="learning rate"):
     t.run(bad, [ce_phase("all", 1)], jax.random.key(0), "x")
+
+
+class _Stop(Exception):
+  pass
+
+
+class _SnapshotThenStop:
+  """Snapshots at every chunk boundary (as `checkpoints.Snapshots`, in memory); stops after `n`."""
+
+  def __init__(self, n: int):
+    self.n, self.saved = n, []
+
+  def due(self):
+    return True
+
+  def save(self, position, arrays, log):
+    self.saved.append(dict(position, arrays=jax.device_get(arrays), loss=list(log["loss"])))
+    if len(self.saved) == self.n:
+      raise _Stop
+
+
+def _two_optimizer_recipe():
+  """SGD with a cosine schedule over all 10 steps, then Adam over 12 retain steps."""
+  return train.Recipe([
+      train.Phase("sgd", objectives.cross_entropy, {"data": train.Stream("all", epochs=2)},
+                  sgd(0.1, final_learning_rate=0.01)),
+      train.Phase("adam", objectives.cross_entropy, {"data": train.Stream("retain", epochs=3)},
+                  train.Optimizer(learning_rate=0.01, name="adam", kind="adam"))])
+
+
+@pytest.mark.parametrize("chunk, resume_chunk, stop_after, position", [
+    (4, 3, 2, (0, 8)),  # the first phase's last chunk of 3 has 2 live steps
+    (4, 7, 4, (1, 4)),  # in the second phase: one 7-step chunk, 8 live steps in 2 chunks
+    (3, 1, 3, (0, 9)),
+    (2, 5, 5, (1, 0)),  # at the phase boundary
+])
+def test_resume_with_another_chunk_size_equals_the_uninterrupted_run(chunk, resume_chunk,
+                                                                    stop_after, position):
+  data = tiny_data()
+  recipe = _two_optimizer_recipe()
+  t, params = tiny_trainer(data, chunk=chunk)
+  want, want_log = t.run(params, recipe, jax.random.key(1), "x")
+  snapshots = _SnapshotThenStop(stop_after)
+  with pytest.raises(_Stop):
+    t.run(params, recipe, jax.random.key(1), "x", snapshots=snapshots)
+  snap = snapshots.saved[-1]
+  assert set(snap) == {"phase", "step", "arrays", "loss"}
+  assert (snap["phase"], snap["step"]) == position
+  assert len(snap["loss"]) == sum(t.steps_in(p) for p in recipe.phases[:snap["phase"]]) + snap["step"]
+  t2, _ = tiny_trainer(data, chunk=resume_chunk)
+  got, got_log = t2.run(params, recipe, jax.random.key(1), "x",
+                        resume=dict(snap, arrays=t2.place(snap["arrays"])))
+  assert len(got_log["loss"]) == len(want_log["loss"])
+  np.testing.assert_array_equal(got_log["loss"], want_log["loss"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))

@@ -7,7 +7,7 @@ Every unlearning method starts from a copy of the Original.
 """
 from jaxunlearn.methods import (boundary_shrinking, delete, fcs, finetune, gradient_ascent,
                                 l1_sparse, neggrad_plus, original, random_labels, retrain, salun,
-                                scrub, ssd, two_stage)
+                                scrub, ssd, ssd_det, two_stage)
 
 # config name -> module (DISPLAY_NAME, get_config(), recipe(section), [validate(c, name)]).
 METHODS = {
@@ -21,6 +21,7 @@ METHODS = {
     "scrub": scrub,
     "boundary_shrinking": boundary_shrinking,
     "ssd": ssd,
+    "ssd_det": ssd_det,
     "delete": delete,
     "fcs": fcs,
 }

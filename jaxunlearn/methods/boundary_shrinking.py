@@ -18,10 +18,12 @@ once on unaugmented images (the reference's loader is augmented).
 import jax
 import jax.numpy as jnp
 
-from jaxunlearn import fields, losses, train
+from jaxunlearn import fields, losses, search, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "Boundary Shrinking"
+# What a tuning run searches (`search.py`); the reference's grids.
+SEARCH_SPACE = search.training(bound=search.Range(0.01, 1.0, log=True))
 
 
 def get_config():

@@ -15,10 +15,12 @@ RandomCrop + flip); the teacher table is computed on unaugmented images.
 import jax
 import jax.numpy as jnp
 
-from jaxunlearn import losses, train
+from jaxunlearn import losses, search, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "DELETE"
+# What a tuning run searches (`search.py`); the reference's grids.
+SEARCH_SPACE = search.training()
 
 
 def get_config():

@@ -10,6 +10,11 @@ retain batch, minimising the contrastive term alone, mean over all pairs of
 retain set of cross-entropy (lr 1e-3 * batch / 64 = 4e-3 at the reference's batch
 256, weight decay 1e-2). tau 1.15, 8 epochs.
 
+The retain learning rate is not rescaled with the batch size: like every learning
+rate in our configs, `retain_learning_rate` is the rate the step uses, so a search
+or an override means what it says. The default is the reference's rule at its batch
+256; at another `batch_size`, set it to 1e-3 * batch_size / 64 to follow the rule.
+
 How the study's two-stage (`two_stage.py`) differs: one stage-1 step, one
 optimizer with a constant lr, and in stage 2 the contrastive term and the retain
 cross-entropy summed in one step, with both batches cut to their common size.
@@ -19,10 +24,13 @@ two forward passes (each its own BatchNorm statistics; running statistics update
 twice per step, forget first), as `kgltop1.py`.
 Augmentation (with `data.augment`): yes (the training transform of deepunlearn's loaders).
 """
-from jaxunlearn import fields, losses, objectives, train
+from jaxunlearn import fields, losses, objectives, search, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "FCS"
+# What a tuning run searches (`search.py`): the three learning rates and the epochs.
+SEARCH_SPACE = search.training(stage1_learning_rate=search.Range(1e-5, 1e-1, log=True),
+                               retain_learning_rate=search.Range(1e-5, 1e-1, log=True))
 
 
 def get_config():
@@ -31,6 +39,7 @@ def get_config():
   return base.section(
       learning_rate=3e-4, epochs=8, temperature=1.15, schedule="cosine",
       final_learning_rate=1e-6, stage1_learning_rate=5e-3,
+      # The rate used, not rescaled: kgltop1.py's 1e-3 * batch / 64 at its batch 256.
       retain_learning_rate=4e-3, retain_weight_decay=1e-2)
 
 

@@ -9,10 +9,12 @@ Modes: train mode (BatchNorm on batch statistics, running ones updated), as `FT.
 `model.train()` loop.
 Augmentation (with `data.augment`): yes, Unlearn-Sparse's retain loader reads the training transform.
 """
-from jaxunlearn import objectives, train
+from jaxunlearn import objectives, search, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "Fine-tuning"
+# What a tuning run searches (`search.py`); the reference's grids.
+SEARCH_SPACE = search.training()
 
 
 def get_config():

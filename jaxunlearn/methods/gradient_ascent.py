@@ -7,10 +7,12 @@ minimise -CE on forget batches, SGD momentum 0.9, weight decay 5e-4, lr 1e-4
 Modes: train mode, as `GA.py`'s `model.train()` loop.
 Augmentation (with `data.augment`): yes, as Unlearn-Sparse's forget loader.
 """
-from jaxunlearn import objectives, train
+from jaxunlearn import objectives, search, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "Gradient Ascent"
+# What a tuning run searches (`search.py`); the reference's grids.
+SEARCH_SPACE = search.training()
 
 
 def get_config():

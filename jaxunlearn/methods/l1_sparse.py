@@ -9,10 +9,12 @@ an epoch, linear to 0 over the run), SGD momentum 0.9, weight decay 5e-4, lr 0.0
 Modes: train mode, as `FT.py` (FT_l1).
 Augmentation (with `data.augment`): yes, as FT.
 """
-from jaxunlearn import fields, losses, train
+from jaxunlearn import fields, losses, search, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "l1-sparse"
+# What a tuning run searches (`search.py`); the reference's grids.
+SEARCH_SPACE = search.training(alpha=search.Range(1e-6, 1e-3, log=True))
 
 
 def get_config():

@@ -11,10 +11,12 @@ Modes: train mode for both passes, retain batch first, then forget batch, as RUM
 We follow RUM, the training-loop convention of every other reference here.
 Augmentation (with `data.augment`): yes (the training transform of its loaders).
 """
-from jaxunlearn import fields, losses, train
+from jaxunlearn import fields, losses, search, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "NegGrad+"
+# What a tuning run searches (`search.py`); the reference's grids.
+SEARCH_SPACE = search.training(alpha=search.Range(0.5, 1.0))
 
 
 def get_config():

@@ -12,10 +12,12 @@ Augmentation (with `data.augment`): yes, both passes (Unlearn-Saliency's loaders
 """
 import jax
 
-from jaxunlearn import losses, objectives, train
+from jaxunlearn import losses, objectives, search, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "Random Labels"
+# What a tuning run searches (`search.py`); the reference's grids.
+SEARCH_SPACE = search.training()
 
 
 def get_config():

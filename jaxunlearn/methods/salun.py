@@ -20,10 +20,12 @@ reference's mask loader reads augmented images; a sweep here is deterministic).
 import jax
 import jax.numpy as jnp
 
-from jaxunlearn import fields, losses, train
+from jaxunlearn import fields, losses, search, train
 from jaxunlearn.methods import base, random_labels
 
 DISPLAY_NAME = "SalUn"
+# What a tuning run searches (`search.py`); the reference's grids.
+SEARCH_SPACE = search.training(mask_fraction=search.Range(0.1, 0.9))
 
 
 def get_config():

@@ -18,10 +18,14 @@ Modes: the student in train mode in both passes, the teacher in eval mode
 Augmentation: none, whatever `data.augment` says: the large-scale notebook builds its
 loaders with `augment=False`.
 """
-from jaxunlearn import fields, losses, train
+from jaxunlearn import fields, losses, search, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "SCRUB"
+# What a tuning run searches (`search.py`); the reference's grids.
+SEARCH_SPACE = search.training(alpha=search.Range(1e-4, 1.0, log=True),
+                               gamma=search.Range(0.1, 1.0),
+                               max_epochs=search.Range(1, 5, integer=True))
 
 
 def get_config():

@@ -6,8 +6,17 @@ Selective Synaptic Dampening" (AAAI 2024), if-loops/selective-synaptic-dampening
 each batch's mean-CE gradient, averaged over batches, on the forget set (I_f) and
 on the full training set (I_D). Where I_f > alpha * I_D, theta <- theta *
 min(1, lambda * I_D / I_f). Defaults: lambda 1, alpha 5 (the reference's ViT
-full-class setting; 10 for ResNet). Batches of `batch_size` (0: config.batch_size)
-in data-set order (the reference: 64, unshuffled).
+full-class setting; 10 for ResNet). Batches of `batch_size` (0: config.batch_size;
+the reference: 64), unshuffled.
+
+Order: a square of batch means depends on which examples share a batch, so the
+sweeps read the reference's loaders' order. I_f: the forget set in data-set order.
+I_D: the pool "retain_then_forget" (`scenario.py`): the retain examples class by
+class (fine class in the sub-class scenario; data-set order within a class, and
+throughout in the random scenario), then the forget set, as the reference's
+`full_train_dl` over ConcatDataset(retain, forget) (`forget_full_class_main.py`,
+`forget_full_class_strategies.build_retain_forget_sets`). `ssd_det.py` has an
+importance that depends on no order or batching.
 
 Modes: both importance sweeps in eval mode (`forget_full_class_strategies.py` calls
 `model.eval()` first), so BatchNorm's running statistics are not changed before the
@@ -17,9 +26,14 @@ Augmentation: none (sweeps never augment; the reference's `transform_unlearning`
 import jax
 import jax.numpy as jnp
 
-from jaxunlearn import fields, losses, train
+from jaxunlearn import fields, losses, search, train
 
 DISPLAY_NAME = "SSD"
+# What a tuning run searches (`search.py`): the reference's alpha and lambda grids.
+SEARCH_SPACE = {"alpha": search.Range(0.1, 100.0, log=True),
+                "dampening": search.Range(0.1, 10.0, log=True)}
+# The full-data importance's pool: the reference's order (see above).
+FULL_POOL = "retain_then_forget"
 
 
 def get_config():
@@ -54,13 +68,18 @@ def dampen(ctx, params):
   return jax.tree.map(one, params, i_f, i_d)
 
 
-def recipe(s):
+def dampening_recipe(s, importance_fn):
+  """I_f and I_D by `importance_fn(trainer, variables, pool, batch_size)`, then `dampen`."""
   def prepare(trainer, variables):
     bs = s.batch_size or None
-    return train.Inputs(frozen={"forget": importance(trainer, variables, "forget", bs),
-                                "full": importance(trainer, variables, "all", bs)})
+    return train.Inputs(frozen={"forget": importance_fn(trainer, variables, "forget", bs),
+                                "full": importance_fn(trainer, variables, FULL_POOL, bs)})
   return train.Recipe([], prepare=prepare, edit=dampen,
                       edit_hparams={"alpha": s.alpha, "dampening": s.dampening})
+
+
+def recipe(s):
+  return dampening_recipe(s, importance)
 
 
 def validate(c, name):

@@ -18,10 +18,12 @@ Augmentation (with `data.augment`): yes, as the Original's training.
 """
 import jax.numpy as jnp
 
-from jaxunlearn import fields, losses, objectives, train
+from jaxunlearn import fields, losses, objectives, search, train
 from jaxunlearn.methods import base
 
 DISPLAY_NAME = "2-Stage"
+# What a tuning run searches (`search.py`); the reference's grids.
+SEARCH_SPACE = search.training()
 
 
 def get_config():
