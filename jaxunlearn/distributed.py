@@ -49,8 +49,8 @@ _UNSET = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
 _ALIVE = "jaxunlearn/alive/"  # + process id: that process's sign-of-life counter, or "exit"
 _CONFIG = "jaxunlearn/config/"  # + call/process id: that process's config (`check_same_config`)
 _calls = itertools.count()  # one key per call: a process may run several studies in a row
-# Config sections and fields each process may set for itself: none changes a result.
-LOCAL_FIELDS = ("progress", "compilation_cache", "cluster")
+# Config fields (and sections: ".*") each process may set for itself: none changes a result.
+LOCAL_FIELDS = ("progress", "compilation_cache", "cluster.*")
 
 
 def _first_line(e: BaseException) -> str:
@@ -225,8 +225,9 @@ def shared_fields(config) -> dict:
         yield from flat(v, f"{prefix}{k}.")
       else:
         yield prefix + k, v
-  return {f: v for f, v in flat(json.loads(config.to_json()))
-          if f.split(".")[0] not in LOCAL_FIELDS}
+  local = lambda f: any(f == l or (l.endswith(".*") and f.startswith(l[:-1]))
+                        for l in LOCAL_FIELDS)
+  return {f: v for f, v in flat(json.loads(config.to_json())) if not local(f)}
 
 
 _MISSING = object()
@@ -266,7 +267,7 @@ def check_same_config(config, timeout: int) -> None:
   difference = first_difference(configs)
   if difference is not None:
     raise ValueError(f"multi-host: {difference}; start every process with the same config "
-                     f"(only {', '.join(LOCAL_FIELDS)} may differ)")
+                     f"(only {', '.join(LOCAL_FIELDS[:-1])} and {LOCAL_FIELDS[-1]} may differ)")
 
 
 def _watch_peers(timeout: int) -> None:

@@ -230,3 +230,16 @@ def test_chunk_key_equal_exactly_when_the_trainer_reuses_a_compile():
     traces = t.num_traces
     t.stepper(phase, variables, inputs)
     assert (t.num_traces > traces) == new, i
+
+
+def test_tuning_benchmark_times_trials_and_pytorch(tmp_path):
+  """scripts/bench_tune.py: trials per minute, where a trial's time goes, PyTorch's loop."""
+  import bench_tune
+  out = bench_tune.main(["--trials", "2", "--train_epochs", "1", "--torch", "--torch_threads", "1",
+                         "--out", str(tmp_path / "tune.json")])
+  j = out["jax"]
+  assert j["trials"] == 2 and _positive(j["trials_per_minute"])
+  assert 0 <= j["overhead"] < 1
+  assert j["run_seconds"] + j["eval_seconds"] + j["compile_seconds"] <= j["seconds"] + 1e-6
+  assert out["torch_eager"]["trials"] == 2 and _positive(out["speedup"])
+  assert json.loads((tmp_path / "tune.json").read_text()) == json.loads(json.dumps(out))

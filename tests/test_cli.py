@@ -67,6 +67,7 @@ BAD_VALUES = [
     ("l1_sparse.alpha", "-1"), ("neggrad_plus.alpha", "1.5"), ("salun.mask_fraction", "0"),
     ("scrub.temperature", "0"), ("scrub.gamma", "nan"), ("scrub.alpha", "-1"),
     ("scrub.max_epochs", "-1"), ("ssd.alpha", "-1"), ("ssd.dampening", "inf"),
+    ("ssd_det.alpha", "-1"), ("ssd_det.dampening", "inf"), ("ssd_det.batch_size", "-1"),
     ("two_stage.temperature", "0"), ("two_stage.stage1_steps", "-1"),
     ("eval.batch_size", "0"), ("tsne.num_retain", "-1"), ("tsne.num_forget", "-300"),
     ("tsne.perplexity", "0"), ("checkpoint_every_seconds", "-1"),
@@ -74,9 +75,13 @@ BAD_VALUES = [
     ("concurrent_stages", "2"), ("distributed", "yes please"),
     ("cluster.coordinator_address", "10.0.0.1"), ("cluster.num_processes", "-1"),
     ("cluster.process_id", "-2"), ("cluster.timeout_seconds", "0"),
+    ("data.validation_fraction", "1"), ("tune.methods", "finetune,nope"), ("tune.trials", "0"),
+    ("tune.objective", "accuracy"), ("tune.sampler", "grid"), ("tune.seed", "-1"),
+    ("tune.minutes", "-1"), ("tune.space", "scrub.alpha"),
 ]
 # Any string is valid here (a path; "" for off or unset), checked where it is used.
-FREE_TEXT = {"compilation_cache", "data.data_dir", "data.manual_dir", "data.folder", "model.init"}
+FREE_TEXT = {"compilation_cache", "data.data_dir", "data.manual_dir", "data.folder", "model.init",
+             "tuned"}
 
 
 def test_every_field_has_a_bad_value():
