@@ -1,12 +1,12 @@
 """The command line's parsing and checking: every bad input is one `InputError` line.
 
 `main.py` runs it; `check(argv)` does the same parse and validation in-process
-(tests, notebooks).
+(tests, notebooks). The config module (and with it JAX) is imported when a config file
+is read, so `main.run` can refuse a busy workdir before that (`lock.refuse_if_busy`).
 """
 import importlib.machinery
 import os
 import re
-import sys
 import traceback
 import types
 
@@ -14,10 +14,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jaxunlearn import config as config_lib
-
-# The exit status of every input error (argparse's for a bad command line).
-EXIT_INPUT_ERROR = 2
+from jaxunlearn import exits
+from jaxunlearn.exits import EXIT_ENVIRONMENT, EXIT_INPUT_ERROR  # noqa: F401  (re-exported)
 
 # Errors from the run that mean bad input (data or weights missing or unreadable, an
 # unwritable workdir, training that diverged at the chosen learning rate): also one line.
@@ -33,9 +31,7 @@ def _shown(text: str) -> str:
   return text if text.isprintable() else text.encode("unicode_escape").decode()
 
 
-def _one_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return lines[0] if lines else type(e).__name__
+_one_line = exits.one_line
 
 
 class _ConfigFile(flags.ArgumentParser):
@@ -58,6 +54,8 @@ class _ConfigFile(flags.ArgumentParser):
     try:
       loader.exec_module(module)
       config = module.get_config(*arg) if hasattr(module, "get_config") else None
+    except SystemExit as e:  # sys.exit() in the file: its status alone would say nothing
+      raise InputError(f"--config: {shown} called sys.exit({e.code!r}) while loading") from None
     except SyntaxError as e:
       raise InputError(f"--config: {shown}, line {e.lineno}: SyntaxError: {e.msg}") from e
     except Exception as e:  # anything the file's code raises
@@ -71,6 +69,7 @@ class _ConfigFile(flags.ArgumentParser):
       raise InputError(f"--config: get_config() in {shown} returned {type(config).__name__}, "
                        "not a ConfigDict")
     config.lock()  # an override of a field it lacks then fails
+    from jaxunlearn import config as config_lib  # JAX: only once a config file is read
     self.fields = {f: type(config_lib.field_value(config, f))
                    for f in config_lib.field_names(config)}
     return config
@@ -119,6 +118,7 @@ def _check_names(fields, overrides) -> None:
   for name in overrides:
     if name in fields:
       continue
+    from jaxunlearn import config as config_lib
     inside = [f for f in fields if f.startswith(name + ".")]
     if inside:
       raise InputError(f"--config.{name} is a section; set its fields, e.g. "
@@ -173,6 +173,7 @@ def validated(flag_values: flags.FlagValues):
     raise InputError("--config is required: an experiment file, e.g. --config configs/digits.py")
   if not flag_values.workdir:
     raise InputError("--workdir is required: the folder for checkpoints and results")
+  from jaxunlearn import config as config_lib
   try:
     config_lib.validate(flag_values.config)
   except ValueError as e:
@@ -193,8 +194,8 @@ def check(argv):
 
 
 def exit_with(e: BaseException):
-  print(f"error: {_one_line(e)}  (--traceback for details)", file=sys.stderr)
-  sys.exit(EXIT_INPUT_ERROR)
+  """Ends the process with `e`'s one line and its status (`exits.fail`)."""
+  exits.fail(e)
 
 
 def parse_flags(argv):

@@ -84,6 +84,10 @@ def tsne_indices(forget_N: np.ndarray, *, batch_size: int, num_retain: int, num_
 
 
 # Metrics that need a forget set inside the test set: omitted in random-subset forgetting.
+# Raised when a metric's definition changes, so stored evaluations are recomputed rather
+# than reused (2: loss-MIA from logits, no longer from clipped probabilities).
+METRICS_VERSION = 2
+
 FORGET_TEST_METRICS = ("forget_test_acc", "entropy_forget_test", "jsd_gold_forget_test")
 
 

@@ -304,7 +304,8 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None, own=No
                                                       stage=m, pools=pools, **extra)
     for m in modules:
       inputs[f"eval/{m}"] = {"model": inputs[f"stage/{m}"], "gold": inputs["stage/retrain"],
-                             "tsne_examples": [int(i) for i in tsne_idx]}
+                             "tsne_examples": [int(i) for i in tsne_idx],
+                             "metrics_version": evaluate.METRICS_VERSION}
       inputs[f"tsne/{m}"] = {"features": inputs[f"eval/{m}"], "tsne": config.tsne.to_dict()}
     # A workdir computed from something else stops the run here, before any work.
     for task, expected in inputs.items():

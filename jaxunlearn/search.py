@@ -120,6 +120,9 @@ def validate(c) -> None:
       fields.fail("tune.methods", f"unknown method {m!r}; allowed: {', '.join(METHODS)}, or all")
     if not declared(m):
       fields.fail("tune.methods", f"{m} declares no search space")
+  if method_list(c) and c.distributed:
+    fields.fail("tune.methods", "a search runs in one process (on all its devices), not across "
+                "hosts: tune without distributed=true, then run the cluster with --config.tuned")
   fields.check_int(c, "tune.trials")
   fields.check_str(c, "tune.objective")
   from jaxunlearn import evaluate

@@ -10,15 +10,22 @@ share a workdir: a new method reuses the Original and Gold already trained there
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import json
 import os
-import socket
 import tempfile
 
 import jax
 
-LOCK_FILE = ".lock"
+from jaxunlearn import lock
+from jaxunlearn.lock import LOCK_FILE, WorkdirError  # noqa: F401  (re-exported)
+
+# Errors of the disk rather than the command, and what to do about each.
+FIXES = {errno.ENOSPC: "free space on its disk, then rerun the same command to resume",
+         errno.EDQUOT: "free space in your disk quota, then rerun the same command to resume",
+         errno.EIO: "the disk reported an I/O error; check it, then rerun the same command",
+         errno.EROFS: "the file system is read-only; use a writable --workdir"}
+ENVIRONMENT_ERRNOS = frozenset(FIXES)
 
 # Fields that decide every stage's result (besides the stage's own section).
 COMMON_FIELDS = ("seed", "scenario", "forget_class", "forget_fraction", "forget_subclass",
@@ -33,8 +40,11 @@ def atomic_write(path: str, data: bytes | str) -> None:
     with os.fdopen(fd, mode) as f:
       f.write(data)
     os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
+  except BaseException as e:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+      raise WorkdirError(f"cannot write {path} ({e.strerror}); {FIXES[e.errno]}") from None
     raise
 
 
@@ -84,6 +94,9 @@ def check_inputs(path: str, recorded: dict | None, expected: dict) -> None:
   diff = sorted((k for k in old.keys() | new.keys() if old.get(k) != new.get(k)),
                 key=lambda k: (k.rsplit(".", 1)[-1] != "stage", k))
   k = diff[0]
+  if k.rsplit(".", 1)[-1] == "stage" and k not in old:
+    raise ValueError(f"{path} records no stage name (written by an older jaxunlearn); "
+                     f"delete it to recompute it, or use a new --workdir")
   raise ValueError(f"{path} was computed with {k}={old.get(k)!r}, this run has {new.get(k)!r} "
                    f"({len(diff)} field(s) differ); use a new --workdir to keep both, or delete "
                    f"{path} to recompute it")
@@ -97,35 +110,40 @@ def claim(config, workdir: str):
   fit it.
 
   A second run on a workdir in use stops at once with one line naming the other
-  process. The lock is `fcntl.flock` on `<workdir>/.lock`: the OS releases it when
-  its process ends, however it ends, so a killed run never blocks the next one.
-  In multi-host runs process 0 holds it.
+  process (`lock.acquire`). In multi-host runs process 0 holds it. A run whose lock
+  file disappears stops at its next stage (`check_lock`; the command line checks
+  every second).
   """
   config_dict = json.loads(config.to_json())
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    atomic_write(os.path.join(workdir, ".write_test"), "")
-    os.remove(os.path.join(workdir, ".write_test"))
-  except OSError as e:
-    raise ValueError(f"--workdir: cannot write to {workdir!r} ({e.strerror}); "
-                     "choose a writable folder") from None
+  _check_writable(workdir)
   if jax.process_index() != 0:
     yield config_dict
     return
-  fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  lock.acquire(workdir)
   try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-      raise ValueError(f"--workdir {workdir!r} is in use by {holder}; wait for it to finish, "
-                       "or use another --workdir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
     _check_config_json(os.path.join(workdir, "config.json"))
     yield config_dict
   finally:
-    os.close(fd)  # releases the lock
+    lock.release(workdir)
+
+
+def check_lock() -> None:
+  """Stops (WorkdirError) when this process's workdir lock was deleted or replaced."""
+  lock.check()
+
+
+def _check_writable(workdir: str) -> None:
+  """Creates the workdir and writes a probe file there, named for this process alone."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=workdir, prefix=".write_test-")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    if e.errno in ENVIRONMENT_ERRNOS:
+      raise WorkdirError(f"cannot write to {workdir!r} ({e.strerror}); {FIXES[e.errno]}") from None
+    raise ValueError(f"--workdir: cannot write to {workdir!r} ({e.strerror}); "
+                     "choose a writable folder") from None
 
 
 def record_config(workdir: str, config_dict: dict) -> None:

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxunlearn import checkpoints, pipeline, report, train
+from jaxunlearn import checkpoints, pipeline, report, train, workdir as workdir_lib
 from tests.test_pipeline import ROOT, tiny_config
 
 TIMING = ("seconds", "compile_seconds", "rte")
@@ -232,6 +232,9 @@ def test_a_stage_folder_is_read_back_only_as_that_stage(reference, tmp_path):
   assert (wd / "results.json").read_bytes() == before
   original = checkpoints.read_record(str(wd / "checkpoints" / "original"))["inputs"]
   assert (original["stage"], original["pool"]) == ("original", ["all"])
+  older = {k: v for k, v in original.items() if k not in ("stage", "pool")}  # before issue 18
+  with pytest.raises(ValueError, match=r"^x records no stage name \(written by an older"):
+    workdir_lib.check_inputs("x", older, original)
 
 
 def test_a_diverging_method_is_reported_and_the_others_finish(tmp_path):

@@ -61,11 +61,14 @@ def test_space_narrows_and_fixes_the_declared_one():
     ("tune.methods", "finetune,nope", "unknown method 'nope'"),
     ("tune.seed", 1, "also an evaluation seed"),
     ("data.validation_fraction", 1.0, "config.data.validation_fraction"),
+    ("distributed", True, "not across hosts"),
 ])
 def test_bad_search_settings_are_one_line(field, value, message):
   c = tune_config()
-  section, name = field.rsplit(".", 1)
-  c[section][name] = value
+  section, _, name = field.rpartition(".")
+  (c[section] if section else c)[name] = value
+  if field == "distributed":
+    field = "tune.methods"
   with pytest.raises(ValueError, match="config." + field.replace(".", r"\.")) as e:
     config_lib.validate(c)
   assert message in str(e.value) and "\n" not in str(e.value)
