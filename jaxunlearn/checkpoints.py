@@ -32,8 +32,9 @@ from jaxunlearn import workdir
 _LOCK = threading.Lock()
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read or written: one line naming its folder and the fix."""
+class CheckpointError(workdir.WorkdirError):
+  """A checkpoint that cannot be read or written: one line naming its folder and the fix
+  (a ValueError; the command line exits with EXIT_ENVIRONMENT)."""
 
 
 def _manager(path: str) -> ocp.CheckpointManager:

@@ -14,7 +14,8 @@ import ml_collections
 from jaxunlearn import augment, datasets, models, optimizers, search
 from jaxunlearn.methods import METHODS
 from jaxunlearn.fields import (check_bool, check_choice, check_float, check_int, check_optimizer,
-                               check_str, closest, fail, field_names, field_value, names)
+                               check_str, closest, fail, field_names, field_value, listed,
+                               names)
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -137,6 +138,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_seconds = 30.0
   c.checkpoint_every_chunks = 0
   # Training steps run as one compiled call (lax.scan); the progress bar moves per chunk.
+  # Snapshots record the step, so a run may resume with another chunk size.
   c.steps_per_chunk = 50
   # Show progress bars.
   c.progress = True
@@ -243,6 +245,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   check_int(c, "seed", 0)
   check_str(c, "seeds", "a comma-separated string of seeds or a count")
+  listed(c, "seeds")
   try:
     parts = [int(p) for p in names(c.seeds)]
   except ValueError:
@@ -262,12 +265,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     fail("forget_subclass", "is empty; scenario \"subclass\" needs the fine class to forget, "
          "e.g. --config.forget_subclass=rocket")
   check_str(c, "forget_class", "a string of class numbers")
+  listed(c, "forget_class")
   try:
     classes = [int(v) for v in names(c.forget_class)]
   except ValueError:
     fail("forget_class", f"must be class numbers, e.g. \"3\" or \"0,3\"; got {c.forget_class!r}")
   if not classes:
     fail("forget_class", "is empty; name at least one class")
+  if len(set(classes)) != len(classes):
+    fail("forget_class", f"lists a class twice: {c.forget_class!r}")
   for k in classes:  # the upper bound is the data set's (`datasets.check_config`)
     if k < 0:
       fail("forget_class", f"{k} is out of range; classes are numbered from 0")
@@ -278,6 +284,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check_int(c, "batch_size")
   check_optimizer(c, "train")
   check_str(c, "methods", "a comma-separated string")
+  listed(c, "methods")
   methods = method_names(c)
   if not methods:
     fail("methods", f"is empty; allowed: any of {', '.join(METHODS)}, or all")
@@ -290,6 +297,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     module.validate(c, m)
 
   search.validate(c)
+  listed(c, "tune.methods")
   if search.method_list(c) and c.tune.seed in (seed_list(c) or (c.seed,)):
     fail("tune.seed", f"{c.tune.seed} is also an evaluation seed; tuned settings are judged on "
          "models they were not chosen on: pick a seed outside config.seeds / config.seed")

@@ -104,8 +104,10 @@ def load_digits(test_size: float, split_seed: int, coarse: bool = False) -> Data
   from sklearn.model_selection import train_test_split
   d = skd.load_digits()
   images = d.images.astype(np.uint8)[..., None]  # values 0..16
-  xtr, xte, ytr, yte = train_test_split(images, d.target.astype(np.int32), test_size=test_size,
-                                        stratify=d.target, random_state=split_seed)
+  with fields.blamed_on("data.test_size", test_size,
+                         "scikit-learn's stratified train/test split"):
+    xtr, xte, ytr, yte = train_test_split(images, d.target.astype(np.int32), test_size=test_size,
+                                          stratify=d.target, random_state=split_seed)
   digits = tuple(str(i) for i in range(10))
   if coarse:
     return Dataset(xtr, ytr // 2, xte, yte // 2, num_classes=5, pixel_max=16.0,
@@ -215,8 +217,9 @@ def normalization(data_config, num_channels: int | None = None):
   return tuple(out)
 
 
-def _size(nbytes: float) -> str:
-  for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+def size_text(nbytes: float) -> str:
+  """Bytes as GiB, MiB or KiB, two decimals."""
+  for unit, scale in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
     if nbytes >= scale:
       return f"{nbytes / scale:.2f} {unit}"
   return f"{nbytes} bytes"
@@ -247,16 +250,16 @@ def check_fits(data: Dataset, devices=None, limit_bytes: int | None = None) -> N
   memory = [device_memory(d) for d in devices]
   if all(memory):  # accelerators: each holds one copy in its own memory
     have, i = min((m if limit_bytes is None else limit_bytes, i) for i, m in enumerate(memory))
-    copies, where = 1, f"{devices[i].device_kind} ({devices[i].platform}) has {_size(have)}"
+    copies, where = 1, f"{devices[i].device_kind} ({devices[i].platform}) has {size_text(have)}"
     fewer = ""
   else:  # devices on the host: every copy in the host's memory
     have = host_memory() if limit_bytes is None else limit_bytes
-    copies, where = len(devices), f"the host has {_size(have)} available"
+    copies, where = len(devices), f"the host has {size_text(have)} available"
     fewer = ", fewer CPU devices" if copies > 1 else ""
   if need * copies > FIT_FRACTION * have:
     held = f", {copies} copies in host memory" if copies > 1 else ""
     raise ValueError(
-        f"The data set does not fit: its images and labels take {_size(need)} as uint8, kept "
+        f"The data set does not fit: its images and labels take {size_text(need)} as uint8, kept "
         f"whole on each of {len(devices)} device(s){held}, but {where} (at most "
         f"{FIT_FRACTION:.0%} of it for data); set a smaller data.image_size or use fewer "
         f"images{fewer} or devices with more memory")
@@ -278,6 +281,8 @@ def check_config(config, data: Dataset, devices=None) -> None:
       fields.fail("forget_class", f"forgets every class of {name}; leave at least one")
   normalization(config.data, data.train_images.shape[-1])
   check_fits(data, devices)
+  from jaxunlearn import sizes  # it reads this module's sizes: imported here, not above
+  sizes.check_steps(config, len(data.train_labels))
 
 
 def normalize(pixels_BxHxWxC: jax.Array, image_size: int | None, mean=0.5,

@@ -13,22 +13,19 @@ command line (`main.run`) installs any of this; the library raises and never exi
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
 import sys
 import threading
+import time
+
+from jaxunlearn.lock import FIXES, WorkdirError  # no JAX
 
 EXIT_INPUT_ERROR = 2
 EXIT_ENVIRONMENT = 3
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130; SIGTERM gives 128 + 15 = 143
 
-# OSErrors that mean the disk, not the command, and the fix each line ends with.
-_FIXES = {errno.ENOSPC: "free space on that disk, then rerun the same command to resume",
-          errno.EDQUOT: "free space in your disk quota, then rerun the same command to resume",
-          errno.EIO: "the disk reported an I/O error; check it, then rerun the same command",
-          errno.EROFS: "the file system is read-only; use a writable --workdir"}
 # Libraries whose log records and thread tracebacks are the echo of an error that reaches
 # us as an exception (a failed orbax save), printed by their threads before our line.
 _ECHOES = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorstore{os.sep}", f"{os.sep}asyncio{os.sep}")
@@ -44,8 +41,7 @@ def one_line(e: BaseException) -> str:
 
 def status(e: BaseException) -> int:
   """EXIT_ENVIRONMENT for the workdir's and the disk's failures, else EXIT_INPUT_ERROR."""
-  from jaxunlearn.lock import WorkdirError  # no JAX
-  if isinstance(e, WorkdirError) or (isinstance(e, OSError) and e.errno in _FIXES):
+  if isinstance(e, WorkdirError) or (isinstance(e, OSError) and e.errno in FIXES):
     return EXIT_ENVIRONMENT
   return EXIT_INPUT_ERROR
 
@@ -54,7 +50,7 @@ def message(e: BaseException) -> str:
   """`e` as one line; an OSError with its path and, for the disk's errors, the fix."""
   if isinstance(e, OSError) and e.strerror:
     where = f": {e.filename}" if e.filename else ""
-    fix = f"; {_FIXES[e.errno]}" if e.errno in _FIXES else ""
+    fix = f"; {FIXES[e.errno]}" if e.errno in FIXES else ""
     return f"{e.strerror}{where}{fix}"
   return one_line(e)
 
@@ -80,11 +76,16 @@ def stop(line: str, code: int) -> None:
 
 
 def fail(e: BaseException) -> None:
-  """Stops with `e`'s one line; a lost workdir lock explains a write that failed with it."""
+  """Stops with `e`'s one line; a lost workdir lock explains a write that failed with it
+  (a deleted workdir fails writes before `rm -r` reaches the lock file: given a second)."""
   from jaxunlearn import lock
-  lost = lock.lost()
-  if lost:
-    stop(f"error: {lost}", EXIT_ENVIRONMENT)
+  waits = 10 if status(e) == EXIT_ENVIRONMENT else 0
+  for _ in range(waits + 1):
+    lost = lock.lost()
+    if lost:
+      stop(f"error: {lost}", EXIT_ENVIRONMENT)
+    if waits:
+      time.sleep(0.1)
   stop(f"error: {message(e)}  (--traceback for details)", status(e))
 
 
@@ -105,13 +106,16 @@ class _DropEchoes(logging.Filter):
     return not any(part in record.pathname for part in _ECHOES)
 
 
-def _excepthook(hook):
-  """sys.excepthook minus the tracebacks TensorStore prints from its threads (PyErr_Print)
-  when a failed save closed orbax's event loop: the failure itself reaches us."""
-  def quiet(kind, value, tb):
-    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-      return
-    hook(kind, value, tb)
+def _echo(value) -> bool:
+  """TensorStore's callback into the event loop of an orbax save that already failed."""
+  return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _unraisablehook(hook):
+  """sys.unraisablehook minus TensorStore's echoes (it reports them from its threads)."""
+  def quiet(unraisable):
+    if not _echo(unraisable.exc_value):
+      hook(unraisable)
   return quiet
 
 
@@ -120,7 +124,7 @@ def quiet_echoes(handler: logging.Handler) -> None:
   TensorStore's thread tracebacks: a failed save reaches the run as an exception,
   which becomes the one line. `--verbosity` or `--traceback` keep them."""
   handler.addFilter(_DropEchoes())
-  sys.excepthook = _excepthook(sys.excepthook)
+  sys.unraisablehook = _unraisablehook(sys.unraisablehook)
 
 
 def watch_lock(every_seconds: float = 1.0) -> None:

@@ -5,6 +5,7 @@ module; it imports none of them, so nothing here closes an import cycle.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 
@@ -20,6 +21,36 @@ def names(value) -> tuple[str, ...]:
   if isinstance(value, str):
     return tuple(v.strip() for v in value.split(",") if v.strip())
   return tuple(value)
+
+
+def listed(c, field: str) -> tuple[str, ...]:
+  """A comma-separated field's items ("" has none), refused when one is empty or repeated.
+
+  `names` skips empty items, so "0,,1" or a trailing comma ("3,": a list, or the count 3?)
+  would otherwise mean something nobody wrote.
+  """
+  value = field_value(c, field)
+  if not isinstance(value, str) or not value.strip():
+    return names(value) if isinstance(value, str) else ()
+  items = tuple(v.strip() for v in value.split(","))
+  if "" in items:
+    fail(field, f"has an empty item in {value!r}; separate items by single commas, with none "
+         "at either end")
+  twice = [v for i, v in enumerate(items) if v in items[:i]]
+  if twice:
+    fail(field, f"lists {twice[0]!r} twice in {value!r}")
+  return items
+
+
+@contextlib.contextmanager
+def blamed_on(field: str, value, library: str, hint: str = ""):
+  """A library's ValueError about a field's value (scikit-learn's split sizes) as one line
+  naming `config.<field>`, in the library's own words (`hint`: how its terms map to ours)."""
+  try:
+    yield
+  except ValueError as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    fail(field, f"{value!r} cannot be used; {library} says: {reason}{hint}")
 
 
 def field_names(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

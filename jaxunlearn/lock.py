@@ -24,6 +24,13 @@ _HELD: dict[str, tuple[int, tuple[int, int]]] = {}
 _MUTEX = threading.Lock()
 
 
+# OSErrors of the disk rather than the command, and the fix a one-line error ends with.
+FIXES = {errno.ENOSPC: "free space on that disk, then rerun the same command to resume",
+         errno.EDQUOT: "free space in your disk quota, then rerun the same command to resume",
+         errno.EIO: "the disk reported an I/O error; check it, then rerun the same command",
+         errno.EROFS: "use a writable --workdir (a finished run's report prints without writing)"}
+
+
 class WorkdirError(ValueError):
   """The workdir or its disk failed, not the command: a full disk, a damaged file, a lost
   lock. One line naming the path and the fix; the CLI exits with EXIT_ENVIRONMENT."""

@@ -76,7 +76,7 @@ def main(argv):
       print(report_text, end="")
       return
     if not config.distributed:  # multi-host: after the cluster is joined (`pipeline`)
-      sizes.check(config)
+      sizes.check_before_loading(config)
     if config.tune.methods:  # tune each method first, then the tuned comparison
       from jaxunlearn import tune
       tune.run(config, workdir)

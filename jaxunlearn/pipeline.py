@@ -20,7 +20,7 @@ from absl import logging
 from jaxunlearn import checkpoints, config as config_lib, datasets, distributed, evaluate, methods
 from jaxunlearn import models, recipe as recipe_lib, report, saturation, scenario as scenario_lib
 from jaxunlearn import scheduler
-from jaxunlearn import search, train, workdir as workdir_lib
+from jaxunlearn import search, sizes, train, workdir as workdir_lib
 
 
 def build_model(config, data: datasets.Dataset, rng, own=None):
@@ -79,6 +79,7 @@ def _stage(trainer, workdir, abstract, name, variables, recipe, rng, inputs, con
   unlearning method whose loss or parameters turn non-finite returns (None, a
   record saying where it diverged); an Original or Gold that diverges stops the run.
   """
+  workdir_lib.check_lock()  # a run whose workdir lock was deleted stops here
   path, _ = _artifact(workdir, "stage", name)
   restored = checkpoints.restore(path, abstract, inputs=inputs)
   if restored is not None:
@@ -233,6 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.distributed:
     distributed.initialize(config.cluster)
     distributed.check_same_config(config, config.cluster.timeout_seconds)
+  if data is None and model is None:  # the config's own sizes, before numpy or JAX allocate
+    sizes.check_before_loading(config)
   own = None if model is None else (model, variables)
   seeds = config_lib.seed_list(config)
   if seeds is None:

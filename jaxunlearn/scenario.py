@@ -107,8 +107,11 @@ def from_config(config, data: datasets.Dataset) -> Scenario:
     return _subclass(config, data)
   if config.scenario == "random":
     from sklearn.model_selection import train_test_split
-    _, forget_idx = train_test_split(np.arange(n), test_size=config.forget_fraction,
-                                     stratify=data.train_labels, random_state=config.seed)
+    with fields.blamed_on("forget_fraction", config.forget_fraction,
+                          "scikit-learn's stratified split",
+                          " (its test part is the forget set)"):
+      _, forget_idx = train_test_split(np.arange(n), test_size=config.forget_fraction,
+                                       stratify=data.train_labels, random_state=config.seed)
     forget_train = np.zeros(n, bool)
     forget_train[forget_idx] = True
     # No class grouping: the reference's retain set is a random_split, in no class order.

@@ -10,7 +10,6 @@ share a workdir: a new method reuses the Original and Gold already trained there
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import tempfile
@@ -18,14 +17,7 @@ import tempfile
 import jax
 
 from jaxunlearn import lock
-from jaxunlearn.lock import LOCK_FILE, WorkdirError  # noqa: F401  (re-exported)
-
-# Errors of the disk rather than the command, and what to do about each.
-FIXES = {errno.ENOSPC: "free space on its disk, then rerun the same command to resume",
-         errno.EDQUOT: "free space in your disk quota, then rerun the same command to resume",
-         errno.EIO: "the disk reported an I/O error; check it, then rerun the same command",
-         errno.EROFS: "the file system is read-only; use a writable --workdir"}
-ENVIRONMENT_ERRNOS = frozenset(FIXES)
+from jaxunlearn.lock import FIXES, LOCK_FILE, WorkdirError  # noqa: F401  (re-exported)
 
 # Fields that decide every stage's result (besides the stage's own section).
 COMMON_FIELDS = ("seed", "scenario", "forget_class", "forget_fraction", "forget_subclass",
@@ -43,7 +35,7 @@ def atomic_write(path: str, data: bytes | str) -> None:
   except BaseException as e:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
-    if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+    if isinstance(e, OSError) and e.errno in FIXES:
       raise WorkdirError(f"cannot write {path} ({e.strerror}); {FIXES[e.errno]}") from None
     raise
 
@@ -140,7 +132,7 @@ def _check_writable(workdir: str) -> None:
     os.close(fd)
     os.remove(probe)
   except OSError as e:
-    if e.errno in ENVIRONMENT_ERRNOS:
+    if e.errno in FIXES:
       raise WorkdirError(f"cannot write to {workdir!r} ({e.strerror}); {FIXES[e.errno]}") from None
     raise ValueError(f"--workdir: cannot write to {workdir!r} ({e.strerror}); "
                      "choose a writable folder") from None

@@ -282,11 +282,11 @@ def test_a_saturated_method_is_marked_in_results_and_every_table(reference, tmp_
 
 
 def test_the_mean_over_seeds_marks_diverged_and_saturated_models(tmp_path):
-  names = {"original": "Original", "retrain": "Gold (retrain)", "gradient_ascent": "Gradient Ascent",
-           "neggrad_plus": "NegGrad+"}
+  names = {"original": "Original", "retrain": "Gold (retrain)",
+           "gradient_ascent": "Gradient Ascent", "neggrad_plus": "NegGrad+"}
   ok = {"forget_train_acc": 90.0, "retain_test_acc": 80.0, "mia_efficacy": 10.0, "seconds": 1.0}
-  per_seed = {s: {"original": ok, "retrain": ok, "gradient_ascent": dict(ok), "neggrad_plus": dict(ok)}
-              for s in (0, 1, 2)}
+  per_seed = {s: {"original": ok, "retrain": ok, "gradient_ascent": dict(ok),
+                  "neggrad_plus": dict(ok)} for s in (0, 1, 2)}
   per_seed[1]["neggrad_plus"] = {"diverged_step": 7, "diverged_phase": "ascent", "seconds": 1.0}
   for s in (0, 2):
     per_seed[s]["gradient_ascent"].update(saturated_class=3, saturated_step=4)

@@ -387,7 +387,8 @@ def test_resume_with_another_chunk_size_equals_the_uninterrupted_run(chunk, resu
   snap = snapshots.saved[-1]
   assert set(snap) == {"phase", "step", "arrays", "loss"}
   assert (snap["phase"], snap["step"]) == position
-  assert len(snap["loss"]) == sum(t.steps_in(p) for p in recipe.phases[:snap["phase"]]) + snap["step"]
+  before = sum(t.steps_in(p) for p in recipe.phases[:snap["phase"]])
+  assert len(snap["loss"]) == before + snap["step"]
   t2, _ = tiny_trainer(data, chunk=resume_chunk)
   got, got_log = t2.run(params, recipe, jax.random.key(1), "x",
                         resume=dict(snap, arrays=t2.place(snap["arrays"])))
