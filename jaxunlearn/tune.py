@@ -160,12 +160,22 @@ def _study(config, workdir: str, method: str, index: int, identity: dict):
   return study
 
 
+def defaults(config, method: str, space: dict) -> dict:
+  """The method's configured values of the searched fields, clipped into the space."""
+  section = config[methods.section_name(method)]
+  clip = lambda k, r: min(max(section[k], r.low), r.high)
+  return {k: int(clip(k, r)) if r.integer else float(clip(k, r))
+          for k, r in space.items() if r.low != r.high}
+
+
 def tune_method(search_: Search, config, workdir: str, method: str, index: int, identity: dict):
   """Runs the method's remaining trials (of `tune.trials`, within `tune.minutes`); its study."""
   import optuna
   optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and tables say it
   study = _study(config, workdir, method, index, identity)
   space = search.space(config, method)
+  if not study.trials:  # the first trial is the config's own settings: tuning never does worse
+    study.enqueue_trial(defaults(config, method, space))
   done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
   spent = sum(t.duration.total_seconds() for t in done if t.duration)
   budget = config.tune.minutes * 60 - spent if config.tune.minutes else None
