@@ -264,8 +264,15 @@ def check_same_config(config, timeout: int) -> None:
     except Exception as e:  # it stopped before comparing
       raise RuntimeError(f"multi-host: process {p} did not share its config within {timeout} s "
                          f"(config.cluster.timeout_seconds): {_first_line(e)}") from None
+  client.key_value_set(f"{prefix}read/{me}", "1")
   difference = first_difference(configs)
   if difference is not None:
+    if me == 0:  # the coordinator's exit ends the others' connection: let them read first
+      for p in range(1, n):
+        try:
+          client.blocking_key_value_get(f"{prefix}read/{p}", timeout * 1000)
+        except Exception:  # it is gone already; it gives its own line
+          pass
     raise ValueError(f"multi-host: {difference}; start every process with the same config "
                      f"(only {', '.join(LOCAL_FIELDS[:-1])} and {LOCAL_FIELDS[-1]} may differ)")
 

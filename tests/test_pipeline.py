@@ -149,8 +149,8 @@ def test_a_method_gives_the_same_result_in_any_method_list(run, tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("methods", "finetune,forget_everything", "config.methods: unknown method 'forget_everything'; allowed: finetune, gradient_ascent, two_stage, random_labels"),
-    ("methods", "finetune,finetune", "config.methods: lists a method twice"),
-    ("methods", ",", "config.methods: is empty"),
+    ("methods", "finetune,finetune", "config.methods: lists 'finetune' twice"),
+    ("methods", ",", "config.methods: has an empty item"),
     ("forget_class", "10", "config.forget_class: 10 is out of range; allowed: 0..9"),
     ("forget_class", "2,-1", "config.forget_class: -1 is out of range"),
     ("forget_class", "two", "config.forget_class: must be class numbers"),
@@ -160,7 +160,7 @@ def test_a_method_gives_the_same_result_in_any_method_list(run, tmp_path):
     ("seed", 2 ** 40, "config.seed: must be below 2**31"),
     ("seeds", "1,x", "config.seeds: must be comma-separated integers"),
     ("seeds", "0", "config.seeds: must name distinct seeds"),
-    ("seeds", "1,1", "config.seeds: must name distinct seeds"),
+    ("seeds", "1,1", "config.seeds: lists '1' twice"),
     ("batch_size", 0, "config.batch_size: must be an integer >= 1"),
     ("train.epochs", -2, "config.train.epochs: must be an integer >= 1"),
     ("finetune.epochs", 0, "config.finetune.epochs: must be an integer >= 1"),

@@ -354,7 +354,11 @@ def test_padded_batch_trains_like_its_real_rows(kind):
   np.testing.assert_allclose(np.asarray(logits)[real_rows], want_logits, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(features)[real_rows], want_features, rtol=1e-4, atol=1e-5)
   _assert_trees_close(stats, want_stats, atol=1e-6)
-  _assert_trees_close(grads, want_grads)
+  # The gradients agree to ~1e-3 only on some CPUs (this project's AMD EPYC, jax 0.10.2:
+  # the bottleneck's stem kernel by up to 1.3e-3): batch 8 and batch 6 run other float32
+  # convolution kernels, and BatchNorm's backward cancels heavily. A padding row leaking
+  # into a statistic moves the logits and statistics checked above, and these by O(0.1).
+  _assert_trees_close(grads, want_grads, rtol=1e-2, atol=2e-3)
 
 
 def _assert_trees_close(got, want, rtol=1e-4, atol=1e-5):
