@@ -163,8 +163,8 @@ def test_search_resumes_and_reuses(tuned_run):
   workdir, _ = tuned_run
   storage = f"sqlite:///{os.path.join(workdir, 'tuning', 'optuna.db')}"
   study = optuna.load_study(study_name="finetune", storage=storage)
-  c = tune_config()  # the first trial is the config's own settings
-  assert study.trials[0].params == {"learning_rate": c.finetune.learning_rate,
+  c = tune_config()  # the first trial is the config's own settings, clipped into the space
+  assert study.trials[0].params == {"learning_rate": max(c.finetune.learning_rate, 1e-3),
                                     "epochs": c.finetune.epochs}
   study.ask()  # a trial a killed search left running
   c = tune_config(trials=4)
