@@ -129,6 +129,19 @@ def _workers(config) -> int:
   return 1
 
 
+def stage_recipe(config, name: str) -> recipe_lib.Recipe:
+  """Stage `name`'s recipe, from its config section, with the section's batch size."""
+  section = config[methods.section_name(name)]
+  module = {**methods.TRAINING, **methods.METHODS}[name]
+  return recipe_lib.with_batch_size(module.recipe(section), section.get("batch_size"))
+
+
+def abstract_variables(trainer, variables):
+  """Shapes, dtypes and the replicated sharding of `variables`: what a restore fills."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated), variables)
+
+
 def make_trainer(config, model, data: datasets.Dataset, scene) -> train.Trainer:
   """The run's `Trainer`: the data on the devices with the scenario's pools, the config's
   batch sizes, chunk size, normalisation and augmentation."""
@@ -282,9 +295,7 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None, own=No
                  "own arrays" if own_data else config.data.name, scene.describe(),
                  len(data.test_labels), config.model.name if own is None else "own model",
                  f"{models.num_params(init_variables['params']):,}", jax.device_count())
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated),
-        init_variables)
+    abstract = abstract_variables(trainer, init_variables)
 
     method_names = config_lib.method_names(config)
     modules = {**methods.TRAINING, **{m: methods.METHODS[m] for m in method_names}}
@@ -294,17 +305,13 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None, own=No
         num_forget=config.tsne.num_forget, seed=config.seed)
     workers = _workers(config)
 
-    recipes = {}
-    for m, module in modules.items():
-      section = config[methods.section_name(m)]
-      recipes[m] = recipe_lib.with_batch_size(module.recipe(section), section.get("batch_size"))
+    recipes = {m: stage_recipe(config, m) for m in modules}
     # What each stage, evaluation and t-SNE is computed from (checked on restore).
     inputs = {}
     for m in modules:
       parent = None if m in methods.TRAINING else inputs["stage/original"]
-      pools = {s.pool for p in recipes[m].phases for s in p.streams.values()}
       inputs[f"stage/{m}"] = workdir_lib.stage_inputs(config, methods.section_name(m), parent,
-                                                      stage=m, pools=pools, **extra)
+                                                      stage=m, pools=recipes[m].pools, **extra)
     for m in modules:
       inputs[f"eval/{m}"] = {"model": inputs[f"stage/{m}"], "gold": inputs["stage/retrain"],
                              "tsne_examples": [int(i) for i in tsne_idx],

@@ -76,6 +76,11 @@ class Recipe:
   edit: Callable[..., Any] | None = None
   edit_hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
+  @property
+  def pools(self) -> set[str]:
+    """The training pools its streams draw from (part of what makes a stage itself)."""
+    return {s.pool for p in self.phases for s in p.streams.values()}
+
 
 def with_batch_size(recipe: Recipe, batch_size: int | None) -> Recipe:
   """The recipe with `batch_size` for every stream that names none (None or 0: unchanged)."""

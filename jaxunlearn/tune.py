@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from jaxunlearn import datasets, evaluate, fields, methods, pipeline, recipe as recipe_lib
+from jaxunlearn import datasets, evaluate, fields, methods, pipeline
 from jaxunlearn import scenario as scenario_lib, search, train, workdir as workdir_lib
 
 # The objective's value for a method whose run diverged: the worst there is.
@@ -78,20 +78,14 @@ class Search:
     self.key = jax.random.key(c.seed)
     model, self.init = pipeline.build_model(c, data, jax.random.fold_in(self.key, 0))
     self.trainer = pipeline.make_trainer(c, model, data, self.scene)
-    self.recipes, self.inputs = {}, {}
-    for name, module in methods.TRAINING.items():
-      section = c[methods.section_name(name)]
-      recipe = recipe_lib.with_batch_size(module.recipe(section), section.get("batch_size"))
-      pools = {s.pool for p in recipe.phases for s in p.streams.values()}
-      self.recipes[name] = recipe
-      self.inputs[name] = workdir_lib.stage_inputs(c, "train", None, stage=name, pools=pools,
-                                                   held_out="validation")
+    self.recipes = {name: pipeline.stage_recipe(c, name) for name in methods.TRAINING}
+    self.inputs = {name: workdir_lib.stage_inputs(c, "train", None, stage=name, pools=r.pools,
+                                                  held_out="validation")
+                   for name, r in self.recipes.items()}
 
   def train(self, workdir: str) -> None:
     """Trains (or restores) the tuning seed's Original and Gold in <workdir>/search."""
-    c, abstract = self.config, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.trainer.replicated),
-        self.init)
+    c, abstract = self.config, pipeline.abstract_variables(self.trainer, self.init)
     self.models, self.records = {}, {}
     for name, recipe in self.recipes.items():
       self.models[name], self.records[name] = pipeline._stage(
@@ -106,10 +100,7 @@ class Search:
 
     Returns its metrics and gaps, or a diverged marker, with "run_seconds" (the
     method, compiling apart), "compile_seconds" and "eval_seconds"."""
-    c = search.apply(self.config, {method: values})
-    section = c[methods.section_name(method)]
-    recipe = recipe_lib.with_batch_size(methods.METHODS[method].recipe(section),
-                                        section.get("batch_size"))
+    recipe = pipeline.stage_recipe(search.apply(self.config, {method: values}), method)
     t0 = time.perf_counter()
     try:
       variables, log = self.trainer.run(self.models["original"], recipe,
