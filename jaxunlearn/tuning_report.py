@@ -86,7 +86,9 @@ def figures(folder: str, studies: dict) -> list[str]:
           ax = plot(study)
       except (ValueError, RuntimeError):  # e.g. importances of a space with one value
         continue
-      ax.set_title(f"{methods.METHODS[m].DISPLAY_NAME}: {ax.get_title()}", loc="left")
+      title = ax.get_title() or {"history": "Optimization History",
+                                 "importance": "Hyperparameter Importances"}[kind]
+      ax.set_title(f"{methods.METHODS[m].DISPLAY_NAME}: {title}", loc="left")
       path = os.path.join(folder, f"{m}_{kind}.png")
       ax.figure.savefig(path, dpi=100, bbox_inches="tight")
       plt.close(ax.figure)
