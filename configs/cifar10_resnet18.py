@@ -16,7 +16,10 @@ jaxunlearn/methods/<name>.py), per-stream batch sizes included: SCRUB forget 512
 retain 256, DELETE 128, SSD importance batches 64 with alpha 10 (its ResNet
 value), FCS 256; the study's two-stage keeps its own values.
 
-Data as the references: random crop (4-pixel zero padding) and horizontal flip
+Data as the references: 45,000 training images (`data.hold_out` 0.1 leaves a
+stratified 5,000 out, as Unlearn-Sparse `dataset.py` keeps 500 per class for
+validation: other images than its seeded pick), so random 10% forgetting forgets
+4,500 (its `--num_indexes_to_replace 4500`); random crop (4-pixel zero padding) and horizontal flip
 while training (Unlearn-Sparse `dataset.py`; which stages augment: each method's
 docstring) and CIFAR-10's mean/std normalisation (Unlearn-Sparse `models/ResNet.py`).
 Run time on one GPU: not measured yet
@@ -63,6 +66,7 @@ def get_config():
   c.data.augment = "crop_flip"
   c.data.mean = "0.4914,0.4822,0.4465"
   c.data.std = "0.2470,0.2435,0.2616"
+  c.data.hold_out = 0.1  # 45,000 training images, as the references (their validation 5,000)
   c.model.name = "resnet18"
   c.model.resnet.width = 64
   c.batch_size = 256

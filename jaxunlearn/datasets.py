@@ -159,6 +159,44 @@ def resize(images_NxHxWxC: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def load(data_config) -> Dataset:
+  """The data set `config.data` names, its images resized to `data.image_size` (0: kept),
+  less `data.hold_out` of its training set (a stratified part, by `data.split_seed`)."""
+  data = _load_source(data_config)
+  if not data_config.hold_out:
+    return data
+  keep, _ = stratified_split(finest_labels(data), data_config.hold_out, data_config.split_seed,
+                             "data.hold_out")
+  return train_subset(data, keep)
+
+
+def finest_labels(data: Dataset) -> np.ndarray:
+  """The labels a stratified split keeps in proportion: the finest the data set has."""
+  return data.train_labels if data.train_fine_labels is None else data.train_fine_labels
+
+
+def stratified_split(labels_N: np.ndarray, fraction: float, seed: int, field: str):
+  """Sorted indices (kept, split off) of a seeded split of `fraction` of the examples,
+  every class in proportion (scikit-learn's train_test_split); one line if it cannot be."""
+  from sklearn.model_selection import train_test_split
+  n = len(labels_N)
+  try:
+    keep, split = train_test_split(np.arange(n), test_size=fraction, stratify=labels_N,
+                                   random_state=seed)
+  except ValueError as e:
+    fields.fail(field, f"{fraction:g} of {n} training examples cannot be split stratified by "
+                f"class ({e}); choose another fraction")
+  return np.sort(keep), np.sort(split)
+
+
+def train_subset(data: Dataset, idx: np.ndarray) -> Dataset:
+  """The data set with only the training examples `idx` (fine labels follow)."""
+  fine = data.train_fine_labels
+  return dataclasses.replace(data, train_images=data.train_images[idx],
+                             train_labels=data.train_labels[idx],
+                             train_fine_labels=None if fine is None else fine[idx])
+
+
+def _load_source(data_config) -> Dataset:
   """The data set `config.data` names, its images resized to `data.image_size` (0: kept)."""
   name, size = data_config.name, data_config.image_size
   label = data_config.label

@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from jaxunlearn import datasets, evaluate, fields, methods, pipeline
+from jaxunlearn import datasets, evaluate, methods, pipeline
 from jaxunlearn import scenario as scenario_lib, search, train, workdir as workdir_lib
 
 # The objective's value for a method whose run diverged: the worst there is.
@@ -36,21 +36,12 @@ _WORST_GAP = 100.0
 
 def held_out(data: datasets.Dataset, fraction: float, seed: int) -> datasets.Dataset:
   """The data set with a stratified `fraction` of its training set as its test set (validation)."""
-  from sklearn.model_selection import train_test_split
-  n = len(data.train_labels)
-  try:
-    keep, val = train_test_split(np.arange(n), test_size=fraction, stratify=data.train_labels,
-                                 random_state=seed)
-  except ValueError as e:
-    fields.fail("data.validation_fraction", f"{fraction:g} of {n} training examples cannot be "
-                f"split stratified by class ({e}); choose a larger fraction")
-  keep, val = np.sort(keep), np.sort(val)
+  keep, val = datasets.stratified_split(datasets.finest_labels(data), fraction, seed,
+                                        "data.validation_fraction")
   fine = data.train_fine_labels
   return dataclasses.replace(
-      data, train_images=data.train_images[keep], train_labels=data.train_labels[keep],
-      test_images=data.train_images[val], test_labels=data.train_labels[val],
-      train_fine_labels=None if fine is None else fine[keep],
-      test_fine_labels=None if fine is None else fine[val])
+      datasets.train_subset(data, keep), test_images=data.train_images[val],
+      test_labels=data.train_labels[val], test_fine_labels=None if fine is None else fine[val])
 
 
 def maximize(objective: str) -> bool:

@@ -75,7 +75,7 @@ BAD_VALUES = [
     ("concurrent_stages", "2"), ("distributed", "yes please"),
     ("cluster.coordinator_address", "10.0.0.1"), ("cluster.num_processes", "-1"),
     ("cluster.process_id", "-2"), ("cluster.timeout_seconds", "0"),
-    ("data.validation_fraction", "1"), ("tune.methods", "finetune,nope"), ("tune.trials", "0"),
+    ("data.validation_fraction", "1"), ("data.hold_out", "1"), ("tune.methods", "finetune,nope"), ("tune.trials", "0"),
     ("tune.objective", "accuracy"), ("tune.sampler", "grid"), ("tune.seed", "-1"),
     ("tune.minutes", "-1"), ("tune.space", "scrub.alpha"),
 ]

@@ -262,8 +262,68 @@ def test_validate_new_data_fields(field, value, start):
 @pytest.mark.parametrize("name", ["cifar100", "svhn_cropped", "emnist/balanced", "mnist:3.0.1",
                                   "folder", "digits", "synthetic"])
 def test_validate_accepts_any_tfds_name(name):
-  c = _run_config(**{"data.name": name, "data.folder": "/images", "data.label": "coarse"})
+  c = _run_config(**{"data.name": name, "data.label": "coarse"})
+  c.data.folder = "/images" if name == "folder" else None
   config_lib.validate(c)
+
+
+def test_a_folder_needs_the_folder_source():
+  # Set alone, data.folder would be ignored: the run would read digits and say nothing.
+  message = _error(config_lib.validate, _run_config(**{"data.folder": "/images"}))
+  assert message == ("config.data.folder: is set but data.name is 'digits'; set "
+                     "data.name=folder to read the folder, or leave data.folder unset")
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+def test_hold_out_is_a_fraction_below_one(value):
+  message = _error(config_lib.validate, _run_config(**{"data.hold_out": value}))
+  assert message.startswith("config.data.hold_out: must be a finite number in [0, 1)"), message
+
+
+def _held(name="digits", **fields):
+  c = _run_config(**{"data.name": name, **fields})
+  return datasets.load(c.data)
+
+
+def test_hold_out_leaves_a_stratified_part_of_the_training_set_out():
+  full, held = _held(), _held(**{"data.hold_out": 0.1})
+  n = len(full.train_labels)
+  assert len(held.train_labels) == n - round(0.1 * n)
+  # Every class loses its share (sklearn's stratified rounding: within one example).
+  lost = np.bincount(full.train_labels, minlength=10) - np.bincount(held.train_labels, minlength=10)
+  np.testing.assert_allclose(lost, 0.1 * np.bincount(full.train_labels), atol=1)
+  # What is kept stays in the data set's order and is unchanged; the test set is untouched.
+  flat = lambda x: x.reshape(len(x), -1)
+  rows = {r.tobytes(): i for i, r in enumerate(flat(full.train_images))}
+  kept = [rows[r.tobytes()] for r in flat(held.train_images)]
+  assert kept == sorted(kept)
+  np.testing.assert_array_equal(full.train_labels[kept], held.train_labels)
+  np.testing.assert_array_equal(full.test_images, held.test_images)
+
+
+def test_hold_out_is_seeded_by_split_seed():
+  a, b = _held(**{"data.hold_out": 0.2}), _held(**{"data.hold_out": 0.2})
+  c = _held(**{"data.hold_out": 0.2, "data.split_seed": 1})
+  np.testing.assert_array_equal(a.train_images, b.train_images)
+  # split_seed also reshuffles digits' train/test split: compare the counts only.
+  assert not np.array_equal(a.train_labels, c.train_labels)
+
+
+def test_hold_out_keeps_fine_labels_in_proportion():
+  full, held = _held(**{"data.label": "coarse"}), _held(**{"data.label": "coarse",
+                                                             "data.hold_out": 0.5})
+  assert held.train_fine_labels is not None
+  assert len(held.train_fine_labels) == len(held.train_labels)
+  lost = np.bincount(full.train_fine_labels) - np.bincount(held.train_fine_labels, minlength=10)
+  np.testing.assert_allclose(lost, 0.5 * np.bincount(full.train_fine_labels), atol=1)
+
+
+def test_hold_out_too_small_to_stratify_says_so():
+  message = _error(datasets.load, _run_config(**{"data.name": "synthetic",
+                                                 "data.synthetic.num_train": 4,
+                                                 "data.hold_out": 0.1}).data)
+  assert message.startswith("config.data.hold_out: 0.1 of 4 training examples cannot be split "
+                            "stratified by class"), message
 
 
 def test_fine_labels_must_come_together():
