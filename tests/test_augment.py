@@ -72,6 +72,14 @@ def test_the_loop_augments_training_streams_deterministically(augmented_stream):
   # Evaluation never augments.
   np.testing.assert_array_equal(np.asarray(t_aug.predict(variables, "test")[0]),
                                 np.asarray(t_none.predict(variables, "test")[0]))
+  # Nor do sweeps (SalUn's mask, SSD's importances, teacher tables).
+  def sweep(ctx, params, batch):
+    per_example = jnp.sum(batch["data"]["image"], axis=(1, 2, 3)) * batch["data"]["mask"]
+    return per_example, jnp.sum(per_example)
+  got = [jax.device_get(t.sweep(sweep, variables, "all")) for t in (t_none, t_aug)]
+  np.testing.assert_array_equal(got[0][0], got[1][0])
+  np.testing.assert_array_equal(got[0][1], got[1][1])
+  assert float(got[0][1]) > 0
 
 
 def test_an_augmented_run_resumes_bitwise_from_a_snapshot():
@@ -94,3 +102,22 @@ def test_an_augmented_run_resumes_bitwise_from_a_snapshot():
   t_none, _ = _trainer("none")
   _, plain = t_none.run(variables, [phase], jax.random.key(5), "x")
   assert plain["loss"] != log["loss"]
+
+
+# Which stages train on augmented batches, as each reference's loaders do (and each
+# method's docstring says): Unlearn-Sparse's training loader for Original, Gold and
+# every method built on it; SCRUB's notebook loaders are unaugmented; SSD and SSD-Det
+# only sweep (sweeps never augment).
+AUGMENTED = {"original": True, "retrain": True, "finetune": True, "gradient_ascent": True,
+             "two_stage": True, "random_labels": True, "salun": True, "l1_sparse": True,
+             "neggrad_plus": True, "boundary_shrinking": True, "delete": True, "fcs": True,
+             "scrub": False, "ssd": None, "ssd_det": None}
+
+
+def test_each_method_augments_as_its_reference():
+  from jaxunlearn import config as config_lib, methods, pipeline
+  assert sorted(AUGMENTED) == sorted([*methods.TRAINING, *methods.METHODS])
+  c = config_lib.get_base_config()
+  for name, expected in AUGMENTED.items():
+    flags = {s.augment for p in pipeline.stage_recipe(c, name).phases for s in p.streams.values()}
+    assert flags == (set() if expected is None else {expected}), name
