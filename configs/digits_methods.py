@@ -8,13 +8,13 @@ The first forgets class 0 (133 training images), the second a seeded, stratified
 10% of the training set (135 images, a new subset per seed). Data, model and the
 Original/Gold recipe are `configs/digits.py`'s; seeds 0-4; no t-SNE.
 
-Time (2-core AMD EPYC, jax 0.10.2, one CPU device, 2026-12-02): 12.7 min for the
-class-wise run, ~2.5 min per seed on a quiet machine (29 min for the random run,
-whose first seed shared the machine). It writes mean ± sd tables over the seeds,
-every seed's tables and tradeoff.png. Closest to Gold by avg gap (mean ± sd):
-class-wise SalUn 0.33 ± 0.17, Random Labels 0.35 ± 0.33, FCS 1.33 ± 2.12, DELETE
-1.87 ± 1.88 (the Original: 50.28); random 10% FCS 1.73 ± 0.98, l1-sparse 2.95 ±
-0.67 (the Original: 3.98). NegGrad+ diverged in one class-wise seed (reported as
+Time (2-core AMD EPYC, jax 0.10.2, one CPU device, 2026-12-06, while test runs
+shared the cores): 19 min for the class-wise run, 12 min for the random one (~2.5 min
+per seed on a quiet machine). It writes mean ± sd tables over the seeds, every seed's
+tables and tradeoff.png. Closest to Gold by avg gap (mean ± sd): class-wise SalUn
+0.33 ± 0.17, Random Labels 0.35 ± 0.33, FCS 1.33 ± 2.12, DELETE 1.87 ± 1.88 (the
+Original: 50.28); random 10% FCS 1.73 ± 0.98, l1-sparse 2.95 ± 0.67, SSD-Det 3.17 ±
+1.01 (the Original: 3.98). NegGrad+ diverged in one class-wise seed (reported as
 such). README, "Which method comes closest to Gold", has the full tables.
 
 Hyperparameters: each method's reference defaults (learning rate, momentum,
