@@ -176,8 +176,10 @@ def tsne_figure(embeddings: dict[str, np.ndarray], is_forget: np.ndarray,
   return _png(fig)
 
 
-def loss_figure(losses: dict[str, list[float]], names: dict[str, str]) -> bytes:
-  """Each stage's training loss per step (one panel per model); PNG bytes."""
+def loss_figure(losses: dict[str, list[float]], names: dict[str, str],
+                forgotten: str = "") -> bytes:
+  """Each stage's training loss per step (one panel per model), titled with what was
+  forgotten (class names included); PNG bytes."""
   fig, axes = _grid(len(losses), 3.2, 2.6)
   for ax, (m, curve) in zip(axes, losses.items()):
     if curve:
@@ -188,12 +190,16 @@ def loss_figure(losses: dict[str, list[float]], names: dict[str, str]) -> bytes:
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=7)
   axes[0].set_ylabel("loss", fontsize=8)
+  if forgotten:
+    fig.suptitle(f"Training loss; forgotten: {forgotten}", fontsize=10)
   fig.tight_layout()
   return _png(fig)
 
 
-def tradeoff_figure(per_seed: dict[int, dict[str, dict]], names: dict[str, str]) -> bytes:
-  """Forget accuracy against retain test accuracy and against MIA-efficacy.
+def tradeoff_figure(per_seed: dict[int, dict[str, dict]], names: dict[str, str],
+                    forgotten: str = "") -> bytes:
+  """Forget accuracy against retain test accuracy and against MIA-efficacy, titled with
+  what was forgotten (class names included).
 
   One point per method per seed (one colour per method), Gold as black stars;
   the closer a method's points sit to Gold's, the closer it came to retraining.
@@ -219,7 +225,9 @@ def tradeoff_figure(per_seed: dict[int, dict[str, dict]], names: dict[str, str])
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
   axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-  fig.suptitle(f"Each point: one method, one seed ({len(per_seed)} seeds); Gold = black star")
+  what = f"Forgotten: {forgotten}. " if forgotten else ""
+  fig.suptitle(f"{what}Each point: one method, one seed ({len(per_seed)} seeds); "
+               "Gold = black star", fontsize=10)
   fig.tight_layout()
   return _png(fig)
 
