@@ -52,17 +52,29 @@ class Dataset:
   fine_class_names: tuple[str, ...] | None = None
 
   def __post_init__(self):
+    # One's own arrays (`pipeline.train_and_evaluate(data=...)`) are checked here, so a
+    # wrong one fails in one line at construction, not as a traceback deep in a step.
+    if (not isinstance(self.num_classes, (int, np.integer)) or isinstance(self.num_classes, bool)
+        or self.num_classes < 1):
+      raise ValueError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
+    if not (isinstance(self.pixel_max, (int, float, np.number)) and 0 < self.pixel_max < math.inf):
+      raise ValueError(f"pixel_max (a white pixel's value, 255 for 8-bit images) must be a "
+                       f"positive number, got {self.pixel_max!r}")
+    fine_classes = None if self.fine_class_names is None else len(self.fine_class_names)
     for split in ("train", "test"):
       images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
-      if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"{split} images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
-      if labels.shape != images.shape[:1]:
-        raise ValueError(f"{split} labels {labels.shape} do not match images {images.shape}")
+      if not isinstance(images, np.ndarray) or images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"{split} images must be a uint8 numpy array (N, H, W, C), got "
+                         f"{_described(images)}; greyscale (N, H, W) ones need images[..., None]")
+      if not images.size:
+        raise ValueError(f"{split} images {images.shape} hold no pixels; each split needs at "
+                         "least one image")
+      _check_labels(f"{split} labels", labels, images.shape[:1], self.num_classes)
       fine = getattr(self, f"{split}_fine_labels")
       if (fine is None) != (self.fine_class_names is None):
         raise ValueError(f"{split} fine labels and fine_class_names must be given together")
-      if fine is not None and fine.shape != labels.shape:
-        raise ValueError(f"{split} fine labels {fine.shape} do not match labels {labels.shape}")
+      if fine is not None:
+        _check_labels(f"{split} fine labels", fine, labels.shape, fine_classes)
     if len(self.class_names) != self.num_classes:
       raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
 
@@ -78,6 +90,29 @@ class Dataset:
     """Bytes of every array (images and labels), as each device holds them."""
     arrays = (getattr(self, f.name) for f in dataclasses.fields(self))
     return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+
+
+def _described(x) -> str:
+  """What an argument is, for a message: an array's dtype and shape, else its type."""
+  if isinstance(x, np.ndarray):
+    return f"{x.dtype} {x.shape}"
+  return f"a {type(x).__name__}"
+
+
+def _check_labels(what: str, labels, shape: tuple[int, ...], num_classes: int) -> None:
+  """Integer class indices in [0, num_classes), one per image: else one ValueError line."""
+  if not isinstance(labels, np.ndarray) or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{what} must be an integer numpy array, got {_described(labels)}; "
+                     "pass np.asarray(labels, np.int32)")
+  if labels.shape != shape:
+    raise ValueError(f"{what} {labels.shape} do not match the images: one label per image, "
+                     f"shape {shape}")
+  low, high = int(labels.min()), int(labels.max())
+  if low < 0 or high >= num_classes:
+    bad = low if low < 0 else high
+    raise ValueError(f"{what} hold {bad}, outside 0..{num_classes - 1} for {num_classes} "
+                     "classes; labels are class indices (set num_classes and class_names to "
+                     "cover them)")
 
 
 def digest(arrays) -> str:
@@ -274,17 +309,24 @@ def device_memory(device) -> int | None:
   return (stats or {}).get("bytes_limit")
 
 
-def check_fits(data: Dataset, devices=None, limit_bytes: int | None = None) -> None:
+def planned_nbytes(num_examples: int, image_shape, num_labels: int = 1) -> int:
+  """Bytes a `Dataset` of that many uint8 images and int32 label arrays will take (`nbytes`):
+  what a loader checks (`check_fits`) before it reads anything."""
+  return num_examples * (math.prod(image_shape) + 4 * num_labels)
+
+
+def check_fits(data: Dataset | int, devices=None, limit_bytes: int | None = None) -> None:
   """Refuses, in one line, a data set too large for the devices' memory (ValueError).
 
   The data lives whole on every device, as uint8 (`device_data`: replicated), and may
   take at most FIT_FRACTION of a device's memory: an accelerator's `bytes_limit`. Devices
   without memory statistics (the CPU) share the host's available memory, one copy each.
-  `limit_bytes` stands for each device's (or the host's) memory, for tests.
-  `devices`: default this process's devices, which hold its copies.
+  `data`: the data set, or the bytes it will take (`planned_nbytes`: the loaders check
+  before reading). `limit_bytes` stands for each device's (or the host's) memory, for
+  tests. `devices`: default this process's devices, which hold its copies.
   """
   devices = list(jax.local_devices() if devices is None else devices)
-  need = data.nbytes
+  need = data.nbytes if isinstance(data, Dataset) else int(data)
   memory = [device_memory(d) for d in devices]
   if all(memory):  # accelerators: each holds one copy in its own memory
     have, i = min((m if limit_bytes is None else limit_bytes, i) for i, m in enumerate(memory))
@@ -303,11 +345,29 @@ def check_fits(data: Dataset, devices=None, limit_bytes: int | None = None) -> N
         f"images{fewer} or devices with more memory")
 
 
+def check_batch_sizes(config, num_train: int) -> None:
+  """No stage's training batch is larger than the training set: such a batch is mostly
+  padding, computed and held for nothing (and the field was likely meant for another
+  data set). Every pool a stage draws from lies in the training set; a batch larger than
+  the forget pool alone is the references' single short batch per epoch, and stays."""
+  from jaxunlearn import config as config_lib  # it imports this module: here, not above
+  sized = [("batch_size", config.batch_size)]
+  for section in ("train", *config_lib.method_names(config)):
+    sized += [(f"{section}.{key}", value) for key, value in config[section].items()
+              if key.endswith("batch_size") and isinstance(value, int)]
+  for field, value in sized:
+    if value > num_train:
+      fields.fail(field, f"{value:,} is larger than the training set ({num_train:,} "
+                  f"examples); set it to at most {num_train:,}")
+
+
 def check_config(config, data: Dataset, devices=None) -> None:
   """The checks of config fields that need the loaded data, before anything is written.
 
-  forget_class within the data set's classes and not all of them (scenario "class"), data.mean / data.std with 1 entry or one per channel, and the data set
-  fitting in the devices' memory (`check_fits`).
+  forget_class within the data set's classes and not all of them (scenario "class"),
+  data.mean / data.std with 1 entry or one per channel, no training batch larger than the
+  training set (`check_batch_sizes`) and the data set fitting in the devices' memory
+  (`check_fits`).
   """
   n, name = data.num_classes, config.data.name
   if config.scenario == "class":
@@ -318,6 +378,7 @@ def check_config(config, data: Dataset, devices=None) -> None:
     if len(classes) == n:
       fields.fail("forget_class", f"forgets every class of {name}; leave at least one")
   normalization(config.data, data.train_images.shape[-1])
+  check_batch_sizes(config, len(data.train_labels))
   check_fits(data, devices)
   from jaxunlearn import sizes  # it reads this module's sizes: imported here, not above
   sizes.check_steps(config, len(data.train_labels))

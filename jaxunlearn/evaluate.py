@@ -93,7 +93,8 @@ FORGET_TEST_METRICS = ("forget_test_acc", "entropy_forget_test", "jsd_gold_forge
 
 def privacy_metrics(forget_train_N, forget_test_M, train_probs_NxC, train_labels_N,
                     test_probs_MxC, test_labels_M, train_feats_NxD, test_feats_MxD,
-                    *, train_loss_N, test_loss_M, seed: int) -> dict[str, float]:
+                    *, train_loss_N, test_loss_M, seed: int,
+                    class_wise: bool | None = None) -> dict[str, float]:
   """MIA-efficacy, loss-MIA (+ indiscernibility) and linear-probe forget accuracy of one model.
 
   Non-members are test examples. MIA-efficacy (Unlearn-Sparse): members = the first
@@ -104,8 +105,15 @@ def privacy_metrics(forget_train_N, forget_test_M, train_probs_NxC, train_labels
   (class-wise) or the whole test set (random subset), so Gold scores ~50%. Probe: fit on the frozen features of every
   training example (class-wise; scored on the forgotten classes' test examples) or of
   the retain set (random subset; scored on the forget set).
+
+  `class_wise`: the scenario's kind picks the definitions ("class" and "subclass": True,
+  "random": False). A class-wise scenario whose forgotten classes have no test examples
+  leaves out the metrics scored on them (loss-MIA, the probe), as it leaves out those too
+  few to score, rather than switching to the random-subset ones. None: class-wise when
+  any test example is forgotten (which that case mistakes for random forgetting).
   """
-  class_wise = bool(np.any(forget_test_M))
+  if class_wise is None:
+    class_wise = bool(np.any(forget_test_M))
   train_conf = privacy.true_label_confidence(train_probs_NxC, train_labels_N)
   test_conf = privacy.true_label_confidence(test_probs_MxC, test_labels_M)
   nonmember = test_conf[~forget_test_M]
@@ -117,8 +125,10 @@ def privacy_metrics(forget_train_N, forget_test_M, train_probs_NxC, train_labels
   if mia is not None:  # too few examples: omitted, not faked
     out["loss_mia"], out["indiscernibility"] = mia
   if class_wise:
-    out["probe_forget_acc"] = privacy.linear_probe_accuracy(
-        train_feats_NxD, train_labels_N, test_feats_MxD[forget_test_M], test_labels_M[forget_test_M])
+    if np.any(forget_test_M):  # nothing to score it on otherwise: omitted, not faked
+      out["probe_forget_acc"] = privacy.linear_probe_accuracy(
+          train_feats_NxD, train_labels_N, test_feats_MxD[forget_test_M],
+          test_labels_M[forget_test_M])
   else:
     out["probe_forget_acc"] = privacy.linear_probe_accuracy(
         train_feats_NxD[~forget_train_N], train_labels_N[~forget_train_N],

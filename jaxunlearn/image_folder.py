@@ -7,7 +7,9 @@
 subfolder names of train/, sorted (torchvision's ImageFolder order), so class k is
 the k-th name. Images are decoded with Pillow and resized to `data.image_size`
 (0: kept, then all must have one size); they are greyscale when every image is,
-else RGB.
+else RGB. 16-bit greyscale images are scaled to 8 bits by their own depth (Pillow would
+clip them at 255). The data set's size is checked against the memory (`datasets.check_fits`)
+from the file count and image size, before any image is decoded.
 """
 from __future__ import annotations
 
@@ -15,12 +17,17 @@ import os
 
 import numpy as np
 
-from jaxunlearn import datasets, fields
+from jaxunlearn import datasets, exits, fields
 
 # File types read as images (torchvision ImageFolder's); other files are skipped.
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+# PIL modes of more than 8 bits per pixel, one channel, and that many bits: scaled to
+# 8 bits here, as Pillow's own conversion to "L" clips every value above 255.
+DEEP_GREY_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16}
 # PIL modes loaded as one grey channel; every other mode becomes RGB.
-GREY_MODES = ("1", "L", "LA")
+GREY_MODES = ("1", "L", "LA", *DEEP_GREY_MODES)
+# PIL modes whose value range the file does not state (32-bit integers, floats): refused.
+UNSCALED_MODES = ("I", "F", "I;32", "I;32L", "I;32B", "I;32S")
 
 
 def _files(split_dir: str) -> dict[str, list[str]]:
@@ -33,6 +40,16 @@ def _files(split_dir: str) -> dict[str, list[str]]:
     out[name] = sorted(os.path.join(class_dir, f) for f in os.listdir(class_dir)
                        if not f.startswith(".") and f.lower().endswith(EXTENSIONS))
   return out
+
+
+def _eight_bit(image):
+  """A 16-bit greyscale image as 8-bit "L": value * 255 / (2**16 - 1), rounded."""
+  bits = DEEP_GREY_MODES.get(image.mode)
+  if bits is None:
+    return image
+  from PIL import Image
+  scaled = np.rint(np.asarray(image, np.float64) * (255 / (2 ** bits - 1)))
+  return Image.fromarray(scaled.astype(np.uint8))
 
 
 def read(folder: str | None, image_size: int) -> datasets.Dataset:
@@ -69,21 +86,31 @@ def read(folder: str | None, image_size: int) -> datasets.Dataset:
       with Image.open(p) as image:
         sizes.setdefault(image.size, p)
         grey = grey and image.mode in GREY_MODES
-    except OSError as e:
+        mode = image.mode
+    except (OSError, Image.DecompressionBombError) as e:
       fields.fail("data.folder", f"cannot read image {p}: {e}")
+    if mode in UNSCALED_MODES:
+      fields.fail("data.folder", f"{p} has {mode!r} pixels (32-bit or floating point), whose "
+                  "range the file does not state; save it with 8 or 16 bits per channel")
   if not image_size and len(sizes) > 1:
     (a, pa), (b, pb) = list(sizes.items())[:2]
     fields.fail("data.image_size", f"the images differ in size ({pa}: {a[0]}x{a[1]}, {pb}: "
                 f"{b[0]}x{b[1]}); set data.image_size to resize them all when loading")
   channels = 1 if grey else 3
   width, height = (image_size, image_size) if image_size else next(iter(sizes))
+  datasets.check_fits(datasets.planned_nbytes(len(paths), (height, width, channels)))
 
   def load(split):
     pairs = [(p, k) for k, c in enumerate(classes) for p in splits[split].get(c, [])]
     images = np.empty((len(pairs), height, width, channels), np.uint8)
     for i, (p, _) in enumerate(pairs):
-      with Image.open(p) as image:
-        images[i] = datasets.image_array(image, image_size, channels)
+      # The header read fine; the pixels may still be cut short or damaged.
+      try:
+        with Image.open(p) as image:
+          images[i] = datasets.image_array(_eight_bit(image), image_size, channels)
+      except (OSError, ValueError, SyntaxError) as e:
+        fields.fail("data.folder", f"cannot decode image {p}: {exits.one_line(e)}; replace "
+                    "or remove the file")
     return images, np.array([k for _, k in pairs], np.int32)
 
   train_images, train_labels = load("train")

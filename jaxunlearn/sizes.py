@@ -57,7 +57,7 @@ def data_bytes(c) -> int:
   """uint8 images and int32 labels, resized ones beside the stored ones while resizing."""
   shape = data_shape(c)
   if shape is None:
-    return 0  # read first, then checked (`datasets.check_fits`)
+    return 0  # checked by the loader from the file counts or metadata (`datasets.check_fits`)
   n, stored, side, channels = shape
   both = stored ** 2 + (side ** 2 if side != stored else 0)
   return n * (both * channels + 4)
@@ -87,11 +87,12 @@ def num_params(c, num_classes: int = 10) -> int:
 
 
 def _side(c) -> int:
-  """Pixels per side of the model's input (32 where the data set decides it)."""
+  """Pixels per side of the model's input (data.image_size, or 32, where the data set
+  decides it)."""
   if c.model.name == "vit":
     return c.model.vit.image_size
   shape = data_shape(c)
-  return shape[2] if shape else 32
+  return shape[2] if shape else c.data.image_size or 32
 
 
 def example_bytes(c, training: bool) -> int:

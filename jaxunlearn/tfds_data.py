@@ -21,11 +21,15 @@ without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import glob
 import importlib.util
 import inspect
 import io
+import logging
 import os
+import re
 import sys
 
 import numpy as np
@@ -49,6 +53,11 @@ PREPARE_INSTALL = "`pip install 'jaxunlearn[prepare]'`"
 # Records per data-source call: the batched call reads the array_record shards
 # in parallel; per-example calls were ~3x slower on 50k examples.
 READ_BATCH = 2048
+# How to find and prepare a data set, for the line that refuses an unknown name.
+LIST_AND_PREPARE = ("TFDS' image-classification data sets are listed at "
+                    "https://www.tensorflow.org/datasets/catalog/overview#image_classification; "
+                    "prepare one once with `python -m jaxunlearn.tfds_data --name NAME "
+                    "--data_dir DIR`")
 # Offline, tfds' downloader retries for ~3.5 minutes before failing (measured);
 # one short probe first turns that into an immediate, actionable error.
 PROBE_TIMEOUT_S = 10
@@ -72,13 +81,52 @@ def _import_tfds(name: str):
   return tfds
 
 
+@contextlib.contextmanager
+def _quiet_lookup():
+  """Drops tfds' log records while it looks a data set up ("Variant folder ... has no
+  dataset_info.json"): what they say, our one line says with the command to run."""
+  def not_tfds(record):
+    return f"{os.sep}tensorflow_datasets{os.sep}" not in record.pathname
+  logger = logging.getLogger("absl")  # tfds logs through absl
+  logger.addFilter(not_tfds)
+  try:
+    yield
+  finally:
+    logger.removeFilter(not_tfds)
+
+
+def _is_prepared(builder) -> bool:
+  with _quiet_lookup():  # a missing variant folder is our error's to say
+    return builder.is_prepared()
+
+
 def _builder(tfds, name: str, data_dir: str | None, **kwargs):
   try:
-    return tfds.builder(name, data_dir=data_dir, **kwargs)
+    with _quiet_lookup():
+      return tfds.builder(name, data_dir=data_dir, **kwargs)
   except tfds.core.registered.DatasetNotFoundError:
     known = (*datasets.SOURCES, *tfds.list_builders(with_community_datasets=False))
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     fields.fail("data.name", f"unknown data set {name!r}: neither {', '.join(datasets.SOURCES)} "
-                f"nor a TFDS data set; closest: {', '.join(fields.closest(name, known))}")
+                f"nor a TFDS data set{'; closest: ' + ', '.join(near) if near else ''}; "
+                f"{LIST_AND_PREPARE}")
+  except (AssertionError, ValueError) as e:  # tfds has the data set, not that version/config
+    if not set(":/") & set(name):
+      raise
+    _variant_error(tfds, name, e)
+
+
+def _variant_error(tfds, name: str, e: Exception):
+  """One line for a version (name:1.2.3) or builder config (name/config) tfds lacks."""
+  base = re.split("[:/]", name)[0]
+  # tfds' first line ends with the reason; the lists it announces follow on other lines.
+  reason = (str(e).strip().splitlines() or [""])[0].rsplit('": ', 1)[-1]
+  reason = reason.split(" Here are")[0].strip()
+  configs = list(tfds.builder_cls(base).builder_configs or ())
+  shown = ", ".join(f"{base}/{c}" for c in configs[:6]) + (", ..." if len(configs) > 6 else "")
+  fix = (f"set it to one of {shown} (optionally :<version>)" if configs else
+         f"{base} has no builder configs; set it to {base!r}, or {base}:<version> of one tfds has")
+  fields.fail("data.name", f"{name!r}: {reason or type(e).__name__}; {fix}")
 
 
 def _sources(tfds, builder) -> list[tuple[str, str]]:
@@ -152,7 +200,7 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None = None) -> s
   """
   tfds = _import_tfds(name)
   builder = _builder(tfds, name, data_dir)
-  if builder.is_prepared():
+  if _is_prepared(builder):
     _check_random_access(name, builder)
     return str(builder.data_dir)
   root = builder.data_dir_root
@@ -245,7 +293,7 @@ def read(data_config) -> datasets.Dataset:
   # data_source would fail with a bare KeyError on missing data.
   builder = _builder(tfds, name, data_dir)
   _features(tfds, name, builder, data_config.label)  # a bad label fails before preparing
-  if not builder.is_prepared():
+  if not _is_prepared(builder):
     if not data_config.prepare:
       raise DataNotReadyError(
           f"{title(name)} not found at {builder.data_dir}: prepare it once with "
@@ -270,6 +318,10 @@ def read(data_config) -> datasets.Dataset:
   train, test = builder.as_data_source(
       split=["train", "test"], decoders={k: skip for k in info.features if k not in label_keys})
   shape = (*size, channels or 3)
+  # From the metadata, before reading: a data set too large for the memory is one line,
+  # not numpy's allocation error (the labels: one or two int32 per example).
+  datasets.check_fits(datasets.planned_nbytes(
+      sum(info.splits[s].num_examples for s in ("train", "test")), shape, len(label_keys)))
   train_images, train_labels = _read_split(train, image_key, label_keys, shape,
                                            data_config.image_size)
   test_images, test_labels = _read_split(test, image_key, label_keys, shape,

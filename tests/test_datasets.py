@@ -235,9 +235,12 @@ def test_check_config_needs_the_data(fields, start):
 
 
 def test_check_config_passes_a_good_config():
-  datasets.check_config(_run_config(forget_class="0,2", **{"data.std": "0.2,0.3,0.4"}), _dataset())
+  # batch_size 10: the whole training set of `_dataset` (a larger one is refused).
+  datasets.check_config(_run_config(forget_class="0,2", batch_size=10,
+                                    **{"data.std": "0.2,0.3,0.4"}), _dataset())
   # Scenario "random" may name every class: forget_class is not used.
-  datasets.check_config(_run_config(forget_class="0,1,2", scenario="random"), _dataset())
+  datasets.check_config(_run_config(forget_class="0,1,2", scenario="random", batch_size=10),
+                        _dataset())
 
 
 @pytest.mark.parametrize("field, value, start", [

@@ -16,7 +16,7 @@ import ml_collections
 
 from jaxunlearn import fields
 from jaxunlearn.models import resnet, vit
-from jaxunlearn.models.base import Model, model_state, num_params
+from jaxunlearn.models.base import Model, check_outputs, model_state, num_params
 
 ARCHITECTURES = {"vit": vit, **{name: resnet for name in resnet.VARIANTS}}
 

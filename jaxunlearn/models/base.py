@@ -52,6 +52,40 @@ class Model:
     return logits, features, state
 
 
+def check_outputs(model: Model, variables, image_shape: tuple[int, int, int],
+                  num_classes: int) -> None:
+  """Refuses, in one ValueError line, a model (one's own) whose outputs the study cannot use.
+
+  Its module must return (logits (B, num_classes), features (B, D)) for a batch of images
+  of `image_shape` (H, W, C; resized to `model.image_size` when set). Shapes only
+  (`jax.eval_shape`): nothing is computed. A batch of 2, since a bare (2, C) logits array
+  would otherwise unpack into two rows and pass as a pair.
+  """
+  H, W, C = image_shape
+  side = model.image_size
+  x = jax.ShapeDtypeStruct((2, side or H, side or W, C), jnp.float32)
+  kw = dict(train=False, mask=None) if model.stateful else {}
+  try:
+    out = jax.eval_shape(lambda v, x: model.module.apply(v, x, **kw), variables, x)
+  except Exception as e:  # the user's module, with the user's variables: any error is theirs
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"model: applying it to images of shape {x.shape} failed "
+                     f"({type(e).__name__}: {first}); check its input handling and variables"
+                     ) from e
+  shapes = jax.tree.map(lambda a: a.shape, out)
+  if not (isinstance(out, (tuple, list)) and len(out) == 2
+          and all(isinstance(a, jax.ShapeDtypeStruct) for a in out)):
+    raise ValueError(f"model must return (logits, features), got {shapes}; return the "
+                     "penultimate layer's output as features beside the logits")
+  logits, features = out
+  if logits.shape != (2, num_classes):
+    raise ValueError(f"model's logits are {logits.shape} for a batch of 2, but the data set "
+                     f"has {num_classes} classes; give its head {num_classes} outputs")
+  if features.ndim != 2 or features.shape[0] != 2:
+    raise ValueError(f"model's features are {features.shape} for a batch of 2; return them "
+                     "as (batch, D), flattened")
+
+
 def model_state(variables: dict) -> dict:
   """Everything but the parameters (BatchNorm's running statistics; {} for the ViT)."""
   return {k: v for k, v in variables.items() if k != "params"}
