@@ -36,6 +36,8 @@ def build_model(config, data: datasets.Dataset, rng, own=None):
     H, W, C = data.train_images.shape[1:]
     side = model.image_size
     variables = model.init(rng, (1, side or H, side or W, C))
+  # One's own module: its outputs' shapes checked before any work, in one line.
+  models.check_outputs(model, variables, data.train_images.shape[1:], data.num_classes)
   return model, dict(variables)
 
 
@@ -174,7 +176,8 @@ def model_metrics(trainer, variables, scenario, gold_test_probs, seed):
   summary.update(evaluate.privacy_metrics(
       scenario.forget_train, scenario.forget_test, train_probs, train_labels,
       test_probs, test_labels, np.asarray(train_feats), np.asarray(test_feats),
-      train_loss_N=np.asarray(train_loss), test_loss_M=np.asarray(test_loss), seed=seed))
+      train_loss_N=np.asarray(train_loss), test_loss_M=np.asarray(test_loss), seed=seed,
+      class_wise=scenario.kind != "random"))
   return summary, test_probs, np.asarray(train_feats)
 
 
@@ -269,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       out = _run_once(c, os.path.join(workdir, f"seed_{s}"), data=data, own=own,
                       own_data=own_data)
       per_seed[s], names = out["models"], out["names"]
-    figures = {"tradeoff.png": report.tradeoff_figure(per_seed, names)}
+    figures = {"tradeoff.png": report.tradeoff_figure(per_seed, names, forgotten)}
     if jax.process_index() == 0:
       print(report.write_seeds(workdir, config_dict, per_seed, names, figures, forgotten))
   mean, std = report.aggregate(per_seed)
@@ -295,100 +298,141 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None, own=No
                  "own arrays" if own_data else config.data.name, scene.describe(),
                  len(data.test_labels), config.model.name if own is None else "own model",
                  f"{models.num_params(init_variables['params']):,}", jax.device_count())
-    abstract = abstract_variables(trainer, init_variables)
+    study = _Study(config, workdir, trainer, scene, key, init_variables, extra)
+    check_workdir(workdir, study.inputs)
+    workdir_lib.record_config(workdir, config_dict)
+    done = study.run()
+    results = collect_results(done, study.stages)
+    figures = study_figures(done, study.stages, study.names, scene, study.tsne_idx)
+    if jax.process_index() == 0:
+      print(report.write(workdir, config_dict, results, study.names, figures, scene.what))
+    return {"config": config_dict, "models": results, "names": study.names}
 
-    method_names = config_lib.method_names(config)
-    modules = {**methods.TRAINING, **{m: methods.METHODS[m] for m in method_names}}
-    names = {m: module.DISPLAY_NAME for m, module in modules.items()}
-    tsne_idx = evaluate.tsne_indices(
+
+def task_inputs(config, recipes: dict[str, recipe_lib.Recipe], tsne_idx, extra: dict) -> dict:
+  """What each stage, evaluation and t-SNE ("stage/<name>", "eval/<name>", "tsne/<name>")
+  is computed from: recorded in its checkpoint and checked when it is restored."""
+  inputs = {}
+  for m in recipes:  # the training stages first: a method's inputs hold Original's
+    parent = None if m in methods.TRAINING else inputs["stage/original"]
+    inputs[f"stage/{m}"] = workdir_lib.stage_inputs(config, methods.section_name(m), parent,
+                                                    stage=m, pools=recipes[m].pools, **extra)
+  for m in recipes:
+    inputs[f"eval/{m}"] = {"model": inputs[f"stage/{m}"], "gold": inputs["stage/retrain"],
+                           "tsne_examples": [int(i) for i in tsne_idx],
+                           "metrics_version": evaluate.METRICS_VERSION}
+    inputs[f"tsne/{m}"] = {"features": inputs[f"eval/{m}"], "tsne": config.tsne.to_dict()}
+  return inputs
+
+
+def check_workdir(workdir: str, inputs: dict) -> None:
+  """Stops the run, before any work, at a checkpoint in `workdir` computed from something
+  other than `inputs` (`task_inputs`) says."""
+  for task, expected in inputs.items():
+    path, arrays_name = _artifact(workdir, *task.split("/"))
+    record = checkpoints.read_record(path, arrays_name=arrays_name)
+    if record is not None:
+      workdir_lib.check_inputs(path, record.get("inputs"), expected)
+
+
+class _Study:
+  """One seed's study as scheduler tasks: training stages, then each model's evaluation
+  (the others' JSD needs Gold's) and t-SNE.
+
+  Several tasks run at once on a multi-core CPU (`_workers`); the longest chain (Original,
+  then its longest method) goes first. Results do not depend on the order: every stage
+  has its own random key and checkpoint.
+  """
+
+  def __init__(self, config, workdir, trainer, scene, key, init_variables, extra: dict):
+    self.config, self.workdir, self.trainer, self.scene = config, workdir, trainer, scene
+    self.key, self.init_variables = key, init_variables
+    self.abstract = abstract_variables(trainer, init_variables)
+    self.method_names = config_lib.method_names(config)
+    modules = {**methods.TRAINING, **{m: methods.METHODS[m] for m in self.method_names}}
+    self.stages = list(modules)
+    self.names = {m: module.DISPLAY_NAME for m, module in modules.items()}
+    self.recipes = {m: stage_recipe(config, m) for m in modules}
+    self.tsne_idx = evaluate.tsne_indices(
         scene.forget_train, batch_size=config.batch_size, num_retain=config.tsne.num_retain,
         num_forget=config.tsne.num_forget, seed=config.seed)
-    workers = _workers(config)
+    self.inputs = task_inputs(config, self.recipes, self.tsne_idx, extra)
+    self.workers = _workers(config)
+    self.bars = scheduler.BarSlots()
 
-    recipes = {m: stage_recipe(config, m) for m in modules}
-    # What each stage, evaluation and t-SNE is computed from (checked on restore).
-    inputs = {}
-    for m in modules:
-      parent = None if m in methods.TRAINING else inputs["stage/original"]
-      inputs[f"stage/{m}"] = workdir_lib.stage_inputs(config, methods.section_name(m), parent,
-                                                      stage=m, pools=recipes[m].pools, **extra)
-    for m in modules:
-      inputs[f"eval/{m}"] = {"model": inputs[f"stage/{m}"], "gold": inputs["stage/retrain"],
-                             "tsne_examples": [int(i) for i in tsne_idx],
-                             "metrics_version": evaluate.METRICS_VERSION}
-      inputs[f"tsne/{m}"] = {"features": inputs[f"eval/{m}"], "tsne": config.tsne.to_dict()}
-    # A workdir computed from something else stops the run here, before any work.
-    for task, expected in inputs.items():
-      path, arrays_name = _artifact(workdir, *task.split("/"))
-      record = checkpoints.read_record(path, arrays_name=arrays_name)
-      if record is not None:
-        workdir_lib.check_inputs(path, record.get("inputs"), expected)
-    workdir_lib.record_config(workdir, config_dict)
-
-    # The study as tasks with dependencies: training stages, then each model's evaluation
-    # (the others' JSD needs Gold's) and t-SNE. Several run at once on a multi-core CPU;
-    # the longest chain (Original, then its longest method) goes first. Results do not
-    # depend on the order: every stage has its own random key and checkpoint.
-    cost = {m: sum(trainer.steps_in(p) * sum(trainer.stream_batch(s) for s in p.streams.values())
-                   for p in r.phases) for m, r in recipes.items()}
-    longest_method = max([cost[m] for m in method_names] or [0])
-    bars = scheduler.BarSlots()
-
-    def stage_task(name):
-      parent = None if name in methods.TRAINING else "original"
-
-      def fn(results, idle):
-        start = init_variables if parent is None else results[parent][0]
-        with bars.take() as slot:
-          return _stage(trainer, workdir, abstract, name, start, recipes[name],
-                        stage_key(key, name), inputs[f"stage/{name}"], config, bar_position=slot)
-      priority = cost[name] + (longest_method if name == "original" else 0)
-      return scheduler.Task(fn, deps=() if parent is None else (parent,), priority=priority)
-
-    def eval_task(name):
-      def fn(results, idle):
-        if results[name][0] is None:  # diverged: nothing to evaluate
-          return {k: results[name][1][k] for k in ("diverged_step", "diverged_phase")}, None, None
-        gold = None if name == "retrain" else results["eval/retrain"][1]
-        return _evaluate(trainer, workdir, name, results[name][0], scene, gold, tsne_idx,
-                         inputs[f"eval/{name}"], config.seed)
-      return scheduler.Task(fn, deps=(name,) if name == "retrain" else (name, "eval/retrain"),
-                            priority=-1)
-
-    def tsne_task(name):
-      def fn(results, idle):
-        if results[f"eval/{name}"][2] is None:
-          return None
-        return _tsne(workdir, name, results[f"eval/{name}"][2], config,
-                     threads=None if workers == 1 else 1 + idle, inputs=inputs[f"tsne/{name}"])
-      return scheduler.Task(fn, deps=(f"eval/{name}",), priority=-2)
-
-    stages = list(modules)
-    tasks = {name: stage_task(name) for name in stages}
-    tasks.update({f"eval/{name}": eval_task(name) for name in stages})
-    if len(tsne_idx):
-      tasks.update({f"tsne/{name}": tsne_task(name) for name in stages})
+  def run(self) -> dict:
+    """Every task's result by task name (`scheduler.run_tasks`)."""
+    tasks = {name: self._stage_task(name) for name in self.stages}
+    tasks.update({f"eval/{name}": self._eval_task(name) for name in self.stages})
+    if len(self.tsne_idx):
+      tasks.update({f"tsne/{name}": self._tsne_task(name) for name in self.stages})
     import threadpoolctl  # scikit-learn's dependency
     # numpy's BLAS (t-SNE's PCA) one thread per task while tasks share the cores: its
     # threads spin-wait beside XLA's. Process-wide, so set here once, not per task.
-    with threadpoolctl.threadpool_limits(limits=1 if workers > 1 else None, user_api="blas"):
-      done = scheduler.run_tasks(tasks, workers, trainer.cancel)
+    with threadpoolctl.threadpool_limits(limits=1 if self.workers > 1 else None, user_api="blas"):
+      return scheduler.run_tasks(tasks, self.workers, self.trainer.cancel)
 
-    results = {}
-    for name in stages:
-      record = done[name][1]
-      results[name] = dict(done[f"eval/{name}"][0], seconds=record["seconds"],
-                           compile_seconds=record["compile_seconds"])
-    for name in stages:
-      if "diverged_step" not in results[name]:
-        results[name].update(evaluate.gaps_to_gold(results[name], results["retrain"]))
-        # One class for every input, or a loss that stopped changing: marked, as divergence is.
-        results[name].update(saturation.check(done[f"eval/{name}"][1], done[name][1]["loss"]))
-    figures = {"loss_curves.png": report.loss_figure({m: done[m][1]["loss"] for m in stages}, names)}
-    if len(tsne_idx):
-      figures["tsne.png"] = report.tsne_figure(
-          {m: done[f"tsne/{m}"] for m in stages if done[f"tsne/{m}"] is not None},
-          scene.forget_train[tsne_idx], names, scene.what)
-    if jax.process_index() == 0:
-      print(report.write(workdir, config_dict, results, names, figures, scene.what))
-    return {"config": config_dict, "models": results, "names": names}
+  def _cost(self, name: str) -> int:
+    """Examples through the model in stage `name`: its scheduling priority."""
+    return sum(self.trainer.steps_in(p) * sum(self.trainer.stream_batch(s)
+                                              for s in p.streams.values())
+               for p in self.recipes[name].phases)
+
+  def _stage_task(self, name: str) -> scheduler.Task:
+    parent = None if name in methods.TRAINING else "original"
+
+    def fn(results, idle):
+      start = self.init_variables if parent is None else results[parent][0]
+      with self.bars.take() as slot:
+        return _stage(self.trainer, self.workdir, self.abstract, name, start, self.recipes[name],
+                      stage_key(self.key, name), self.inputs[f"stage/{name}"], self.config,
+                      bar_position=slot)
+    longest_method = max([self._cost(m) for m in self.method_names] or [0])
+    priority = self._cost(name) + (longest_method if name == "original" else 0)
+    return scheduler.Task(fn, deps=() if parent is None else (parent,), priority=priority)
+
+  def _eval_task(self, name: str) -> scheduler.Task:
+    def fn(results, idle):
+      if results[name][0] is None:  # diverged: nothing to evaluate
+        return {k: results[name][1][k] for k in ("diverged_step", "diverged_phase")}, None, None
+      gold = None if name == "retrain" else results["eval/retrain"][1]
+      return _evaluate(self.trainer, self.workdir, name, results[name][0], self.scene, gold,
+                       self.tsne_idx, self.inputs[f"eval/{name}"], self.config.seed)
+    return scheduler.Task(fn, deps=(name,) if name == "retrain" else (name, "eval/retrain"),
+                          priority=-1)
+
+  def _tsne_task(self, name: str) -> scheduler.Task:
+    def fn(results, idle):
+      if results[f"eval/{name}"][2] is None:
+        return None
+      return _tsne(self.workdir, name, results[f"eval/{name}"][2], self.config,
+                   threads=None if self.workers == 1 else 1 + idle,
+                   inputs=self.inputs[f"tsne/{name}"])
+    return scheduler.Task(fn, deps=(f"eval/{name}",), priority=-2)
+
+
+def collect_results(done: dict, stages: list[str]) -> dict[str, dict]:
+  """Each model's metrics, run time, gaps to Gold and saturation marks, from the tasks' results."""
+  results = {}
+  for name in stages:
+    record = done[name][1]
+    results[name] = dict(done[f"eval/{name}"][0], seconds=record["seconds"],
+                         compile_seconds=record["compile_seconds"])
+  for name in stages:
+    if "diverged_step" not in results[name]:
+      results[name].update(evaluate.gaps_to_gold(results[name], results["retrain"]))
+      # One class for every input, or a loss that stopped changing: marked, as divergence is.
+      results[name].update(saturation.check(done[f"eval/{name}"][1], done[name][1]["loss"]))
+  return results
+
+
+def study_figures(done: dict, stages: list[str], names: dict[str, str], scene,
+                  tsne_idx) -> dict[str, bytes]:
+  """The loss curves and (when examples were picked for it) the t-SNE figure, as PNG bytes."""
+  figures = {"loss_curves.png": report.loss_figure({m: done[m][1]["loss"] for m in stages},
+                                                   names, scene.what)}
+  if len(tsne_idx):
+    figures["tsne.png"] = report.tsne_figure(
+        {m: done[f"tsne/{m}"] for m in stages if done[f"tsne/{m}"] is not None},
+        scene.forget_train[tsne_idx], names, scene.what)
+  return figures

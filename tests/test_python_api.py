@@ -68,3 +68,23 @@ def test_own_model_with_given_variables_starts_from_them(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, got, dict(variables))
   out = pipeline.train_and_evaluate(c, str(tmp_path), data=data, model=module, variables=variables)
   assert np.isfinite(out["models"]["finetune"]["retain_test_acc"])
+
+
+class LogitsOnly(nn.Module):
+  """A user's model that forgets to return its features."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("module,message", [
+    (LogitsOnly(), "must return \\(logits, features\\)"),
+    (MLP(num_classes=5), "logits"),
+], ids=["no-features", "wrong-class-count"])
+def test_own_model_with_unusable_outputs_is_one_line_before_any_work(tmp_path, module, message):
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message) as e:
+    pipeline.train_and_evaluate(_config(), str(workdir), data=_arrays(), model=module)
+  assert "\n" not in str(e.value)
+  assert not workdir.exists()  # refused before the workdir was claimed
