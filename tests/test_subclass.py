@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxunlearn import config as config_lib, datasets, evaluate, pipeline, scenario, tfds_data
+from jaxunlearn import config as config_lib, datasets, evaluate, pipeline, privacy, scenario, tfds_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,6 +96,42 @@ def test_subclass_metrics_judge_the_fine_class_by_its_coarse_label():
   np.testing.assert_allclose(float(got["forget_test_acc"]), 100 * ok_te[f_te].mean(), rtol=1e-5)
   np.testing.assert_allclose(float(got["retain_train_acc"]), 100 * ok_tr[~f_tr].mean(), rtol=1e-5)
   np.testing.assert_allclose(float(got["retain_test_acc"]), 100 * ok_te[~f_te].mean(), rtol=1e-5)
+
+
+def test_subclass_privacy_metrics_use_the_fine_class_and_coarse_labels(monkeypatch):
+  """The sets each privacy metric gets in the sub-class scenario, written out in numpy:
+  MIA-efficacy's non-members are the test set without the fine class; loss-MIA compares
+  the fine class's training losses with its test losses; the probe fits every training
+  example's coarse label and is scored on the fine class's test examples."""
+  seen = {}
+  monkeypatch.setattr(privacy, "mia_efficacy", lambda m, n, t: seen.update(mia=(m, n, t)) or 0.0)
+  monkeypatch.setattr(privacy, "loss_mia", lambda f, n, seed: seen.update(loss=(f, n)) or (0.0, 0.0))
+  monkeypatch.setattr(privacy, "linear_probe_accuracy",
+                      lambda a, b, c, d: seen.update(probe=(a, b, c, d)) or 0.0)
+  rng = np.random.default_rng(1)
+  N, M = 60, 30
+  fine_tr, fine_te = np.arange(N) % 10, np.arange(M) % 10
+  ytr, yte = fine_tr // 2, fine_te // 2  # 5 coarse classes of two fine ones
+  ptr, pte = rng.dirichlet(np.ones(5), N), rng.dirichlet(np.ones(5), M)
+  ftr, fte = rng.normal(size=(N, 4)), rng.normal(size=(M, 4))
+  ltr, lte = rng.exponential(size=N), rng.exponential(size=M)
+  f_tr, f_te = fine_tr == 3, fine_te == 3
+  out = evaluate.privacy_metrics(f_tr, f_te, ptr, ytr, pte, yte, ftr, fte, train_loss_N=ltr,
+                                 test_loss_M=lte, seed=0, class_wise=True)
+  assert set(out) == {"mia_efficacy", "loss_mia", "indiscernibility", "probe_forget_acc"}
+  conf_tr, conf_te = ptr[np.arange(N), ytr], pte[np.arange(M), yte]
+  member, nonmember, target = seen["mia"]
+  np.testing.assert_array_equal(nonmember, conf_te[~f_te])  # the fine class's sibling stays
+  np.testing.assert_array_equal(member, conf_tr[~f_tr][:M - f_te.sum()])
+  np.testing.assert_array_equal(target, conf_tr[f_tr])  # confidence in the coarse label
+  f, n = seen["loss"]
+  np.testing.assert_array_equal(f, ltr[f_tr])
+  np.testing.assert_array_equal(n, lte[f_te])
+  a, b, c, d = seen["probe"]
+  np.testing.assert_array_equal(a, ftr)
+  np.testing.assert_array_equal(b, ytr)
+  np.testing.assert_array_equal(c, fte[f_te])
+  np.testing.assert_array_equal(d, yte[f_te])
 
 
 def test_digits_subclass_end_to_end(tmp_path):
