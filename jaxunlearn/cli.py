@@ -93,6 +93,10 @@ def define_flags(flag_values: flags.FlagValues, argv=None) -> None:
   flags.DEFINE_bool("check_config", False,
                     "Only parse and validate the config (and its overrides), then exit.",
                     flag_values=flag_values)
+  flags.DEFINE_bool("check_inputs", False,
+                    "Validate the config, then load the data and check the scenario, the "
+                    "model and its weights against it; print what would run and exit. "
+                    "Nothing is written.", flag_values=flag_values)
 
 
 FLAGS = flags.FLAGS

@@ -16,6 +16,8 @@ and weights are found. A failure of the disk or the workdir (full disk, damaged
 checkpoint, lost lock) is one line too, with status 3 (`EXIT_ENVIRONMENT`); Ctrl-C
 prints `interrupted; rerun the same command to resume` (status 130, SIGTERM 143).
 Every status: `jaxunlearn/exits.py`. `--traceback` shows the traceback.
+`--check_config` only validates the config; `--check_inputs` also loads the data and
+builds the model, prints what would run and exits, writing nothing.
 """
 import json
 import os
@@ -70,6 +72,11 @@ def main(argv):
     from jaxunlearn import config as config_lib, sizes
     if FLAGS.check_config:
       print(f"config ok: methods {','.join(config_lib.method_names(config))}")
+      return
+    if FLAGS.check_inputs:
+      sizes.check_before_loading(config)
+      from jaxunlearn import pipeline
+      print(f"inputs ok: {pipeline.check_inputs(config)}")
       return
     report_text = finished_report(config, workdir)
     if report_text is not None:

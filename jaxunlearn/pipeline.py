@@ -259,9 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Check data and weights once, before anything is written.
   own_data = data is not None
   data = data if own_data else datasets.load(config.data)
-  datasets.check_config(config, data)
-  forgotten = scenario_lib.from_config(config, data).what
-  build_model(config, data, jax.random.key(0), own)
+  forgotten = _checked(config, data, own)[0].what
   with workdir_lib.claim(config, workdir) as config_dict:
     per_seed, names = {}, {}
     workdir_lib.record_config(workdir, config_dict)
@@ -279,6 +277,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return {"config": config_dict, "seeds": per_seed, "mean": mean, "std": std, "names": names}
 
 
+def _checked(config, data: datasets.Dataset, own=None, rng=None):
+  """(scenario, model, variables) once `config` is checked against the loaded `data`, its
+  scenario made and its model built from `rng` (pretrained weights found, one's own
+  outputs fit)."""
+  datasets.check_config(config, data)
+  scene = scenario_lib.from_config(config, data)
+  rng = jax.random.key(0) if rng is None else rng
+  return (scene, *build_model(config, data, rng, own))
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> str:
+  """Every check a run makes before it writes anything, without running: the config
+  validated, the data loaded and checked against it, the scenario and the model built.
+  Returns what would run, in one line (the CLI's `--check_inputs`); raises as a run would."""
+  config_lib.validate(config)
+  config = search.with_tuned(config)
+  data = datasets.load(config.data)
+  scene, _, variables = _checked(config, data)
+  return (f"{config.data.name}: {scene.describe()} / {len(data.test_labels):,} test examples, "
+          f"{data.num_classes} classes; {config.model.name} with "
+          f"{models.num_params(variables['params']):,} parameters; methods "
+          f"{','.join(config_lib.method_names(config))}")
+
+
 def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None, own=None,
               own_data: bool = False) -> dict:
   """One run of the study with `config.seed` (validated): every stage, evaluation, table, figure.
@@ -286,10 +308,8 @@ def _run_once(config: ml_collections.ConfigDict, workdir: str, data=None, own=No
   `data`: loaded already (`own_data`: the caller's arrays, not config.data's source);
   `own`: the caller's (model, variables) (`build_model`)."""
   data = data if data is not None else datasets.load(config.data)
-  datasets.check_config(config, data)
-  scene = scenario_lib.from_config(config, data)
   key = jax.random.key(config.seed)
-  model, init_variables = build_model(config, data, jax.random.fold_in(key, 0), own)
+  scene, model, init_variables = _checked(config, data, own, jax.random.fold_in(key, 0))
   extra = own_inputs(data if own_data else None, own)
   # Input checked, data and weights found: only now is anything written.
   with workdir_lib.claim(config, workdir) as config_dict:

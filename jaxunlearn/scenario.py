@@ -52,7 +52,7 @@ class Scenario:
             "retain_then_forget": np.r_[grouped, forget]}
 
   def describe(self) -> str:
-    return (f"{int(self.forget_train.sum())} forget / {int((~self.forget_train).sum())} retain "
+    return (f"{int(self.forget_train.sum()):,} forget / {int((~self.forget_train).sum()):,} retain "
             f"training examples ({self.what})")
 
 

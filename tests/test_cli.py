@@ -233,3 +233,37 @@ def test_cli_one_line_exit_status_no_workdir(cli_runs, name):
   assert stderr.strip().splitlines()[-1].startswith("error: "), stderr
   assert "Traceback" not in stderr
   assert not workdir.exists()
+
+
+def _check_inputs(tmp_path, *args):
+  workdir = tmp_path / "w"
+  out = subprocess.run([sys.executable, "-m", *argv("--check_inputs", *args, workdir=str(workdir))],
+                       cwd=ROOT, text=True, capture_output=True, timeout=300)
+  assert not workdir.exists()  # it checks; nothing is written
+  return out
+
+
+def test_check_inputs_loads_the_data_and_builds_the_model_without_writing(tmp_path):
+  from jaxunlearn import tfds_data
+  tfds_data.write_fake("cifar100", str(tmp_path / "tfds"), num_train=200, num_test=100,
+                       class_names={"label": tuple(f"fine_{i:02d}" for i in range(100))})
+  out = _check_inputs(tmp_path, f"--config.data.data_dir={tmp_path / 'tfds'}",
+                      "--config.data.name=cifar100", "--config.data.label=coarse",
+                      "--config.scenario=subclass", "--config.forget_subclass=fine_27",
+                      "--config.model.name=resnet18", "--config.model.resnet.width=4",
+                      "--config.batch_size=32", "--config.methods=finetune")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.startswith("inputs ok: cifar100: 2 forget / 198 retain training examples "
+                               "(sub-class 27 (fine_27) of class 7) / 100 test examples, 20 "
+                               "classes; resnet18 with "), out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.data.name=cifar100", "--config.data.data_dir=/nonexistent/tfds"],
+     "error: CIFAR-100 not found at /nonexistent/tfds/cifar100/"),
+    (["--config.forget_class=12"], "error: config.forget_class: 12 is out of range; allowed: 0..9"),
+], ids=["missing data", "class out of range"])
+def test_check_inputs_refuses_what_a_run_would(tmp_path, args, message):
+  out = _check_inputs(tmp_path, *args)
+  assert out.returncode == main.EXIT_INPUT_ERROR, out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr
