@@ -141,52 +141,85 @@ def _rendezvous(coordinator_address: str, num_processes: int, process_id: int,
   answers all of them at once, "ok" or the error, then frees the port for JAX.
   """
   host, port = coordinator_address.rsplit(":", 1)
-  host, port, n = host.strip("[]"), int(port), num_processes
+  host, port = host.strip("[]"), int(port)
   deadline = time.monotonic() + timeout
   if process_id == 0:
+    _gather(coordinator_address, port, num_processes, timeout, deadline)
+  else:
+    _reach_coordinator(coordinator_address, host, port, num_processes, process_id, timeout,
+                       deadline)
+
+
+def _gather(coordinator_address: str, port: int, n: int, timeout: int, deadline: float) -> None:
+  """Process 0's side: waits for the n - 1 workers, then answers all of them at once."""
+  with _listen(port) as server:
+    waiting, error = _await_workers(server, n, deadline)
+    missing = sorted(set(range(1, n)) - set(waiting))
+    if error is None and missing:
+      error = (f"process(es) {', '.join(map(str, missing))} of {n} did not reach process 0 "
+               f"at {coordinator_address} within {timeout} s (config.cluster.timeout_seconds)")
+    for conn in waiting.values():
+      with conn:
+        try:
+          conn.sendall(b"ok\n" if error is None else f"error {error}\n".encode())
+        except OSError:
+          pass  # it gave up waiting; JAX's own connect will fail it
+  if error is not None:
+    raise RuntimeError(f"multi-host: {error}")
+
+
+def _listen(port: int) -> socket.socket:
+  """Process 0's server socket on the coordinator's port, IPv4 and IPv6 where it can."""
+  try:
+    return (socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+            if socket.has_dualstack_ipv6() else socket.create_server(("", port)))
+  except OSError as e:
+    raise RuntimeError(f"multi-host: process 0 cannot listen on port {port} "
+                       f"({os.strerror(e.errno)}); choose a free port in "
+                       "config.cluster.coordinator_address") from None
+
+
+def _await_workers(server: socket.socket, n: int, deadline: float):
+  """Accepts workers until all n - 1 have come, one is wrong, or the deadline passes.
+
+  Returns ({process id: its open connection}, the first error or None).
+  """
+  waiting, error = {}, None
+  while len(waiting) < n - 1 and error is None and time.monotonic() < deadline:
+    server.settimeout(max(deadline - time.monotonic(), 0.01))
     try:
-      server = (socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
-                if socket.has_dualstack_ipv6() else socket.create_server(("", port)))
-    except OSError as e:
-      raise RuntimeError(f"multi-host: process 0 cannot listen on port {port} "
-                         f"({os.strerror(e.errno)}); choose a free port in "
-                         "config.cluster.coordinator_address") from None
-    waiting, error = {}, None
-    with server:
-      while len(waiting) < n - 1 and error is None and time.monotonic() < deadline:
-        server.settimeout(max(deadline - time.monotonic(), 0.01))
-        try:
-          conn, _ = server.accept()
-        except TimeoutError:
-          break
-        conn.settimeout(5)
-        try:
-          pid, count = map(int, conn.makefile().readline().split())
-        except (OSError, ValueError):  # not one of ours (a port scan)
-          conn.close()
-          continue
-        if count != n:
-          error = f"process {pid} has num_processes={count}, process 0 has {n}"
-        elif pid in waiting or not 0 < pid < n:
-          error = f"two processes have process_id={pid}" if pid in waiting else (
-              f"process_id={pid} is out of range 1..{n - 1}")
-        waiting.setdefault(pid, conn)
-        if waiting[pid] is not conn:
-          conn.sendall(f"error {error}\n".encode())
-          conn.close()
-      missing = sorted(set(range(1, n)) - set(waiting))
-      if error is None and missing:
-        error = (f"process(es) {', '.join(map(str, missing))} of {n} did not reach process 0 "
-                 f"at {coordinator_address} within {timeout} s (config.cluster.timeout_seconds)")
-      for conn in waiting.values():
-        with conn:
-          try:
-            conn.sendall(b"ok\n" if error is None else f"error {error}\n".encode())
-          except OSError:
-            pass  # it gave up waiting; JAX's own connect will fail it
-    if error is not None:
-      raise RuntimeError(f"multi-host: {error}")
-    return
+      conn, _ = server.accept()
+    except TimeoutError:
+      break
+    conn.settimeout(5)
+    try:
+      pid, count = map(int, conn.makefile().readline().split())
+    except (OSError, ValueError):  # not one of ours (a port scan)
+      conn.close()
+      continue
+    error = _arrival_error(pid, count, n, waiting)
+    waiting.setdefault(pid, conn)
+    if waiting[pid] is not conn:
+      conn.sendall(f"error {error}\n".encode())
+      conn.close()
+  return waiting, error
+
+
+def _arrival_error(pid: int, count: int, n: int, waiting: dict) -> str | None:
+  """What is wrong with worker `pid` arriving with num_processes=`count`; None if nothing."""
+  if count != n:
+    return f"process {pid} has num_processes={count}, process 0 has {n}"
+  if pid in waiting:
+    return f"two processes have process_id={pid}"
+  if not 0 < pid < n:
+    return f"process_id={pid} is out of range 1..{n - 1}"
+  return None
+
+
+def _reach_coordinator(coordinator_address: str, host: str, port: int, n: int, process_id: int,
+                       timeout: int, deadline: float) -> None:
+  """A worker's side: sends "<id> <count>" to process 0, retrying until its answer or the
+  deadline."""
   last = "no answer"
   while time.monotonic() < deadline:
     try:

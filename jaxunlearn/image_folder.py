@@ -54,11 +54,25 @@ def _eight_bit(image):
 
 def read(folder: str | None, image_size: int) -> datasets.Dataset:
   """Every image under folder/train and folder/test, labelled by its subfolder."""
-  from PIL import Image
   if not folder:
     fields.fail("data.folder", "is not set; name the folder holding train/<class>/ and "
                 "test/<class>/")
   folder = os.path.expanduser(folder)
+  splits = _list_splits(folder)
+  classes = _classes(splits, folder)
+  paths = [p for split in splits.values() for ps in split.values() for p in ps]
+  shape = _image_shape(paths, image_size)
+  datasets.check_fits(datasets.planned_nbytes(len(paths), shape))
+  pairs = {split: [(p, k) for k, c in enumerate(classes) for p in splits[split].get(c, [])]
+           for split in ("train", "test")}
+  train_images, train_labels = _load(pairs["train"], shape, image_size)
+  test_images, test_labels = _load(pairs["test"], shape, image_size)
+  return datasets.Dataset(train_images, train_labels, test_images, test_labels,
+                          num_classes=len(classes), pixel_max=255.0, class_names=classes)
+
+
+def _list_splits(folder: str) -> dict[str, dict[str, list[str]]]:
+  """{split: {class: image paths}} of folder/train and folder/test; each must hold images."""
   splits = {}
   for split in ("train", "test"):
     path = os.path.join(folder, split)
@@ -69,6 +83,11 @@ def read(folder: str | None, image_size: int) -> datasets.Dataset:
     if not any(splits[split].values()):
       fields.fail("data.folder", f"no images in {path}/<class>/ (looked for "
                   f"{', '.join(EXTENSIONS)})")
+  return splits
+
+
+def _classes(splits: dict[str, dict[str, list[str]]], folder: str) -> tuple[str, ...]:
+  """The class names (train/'s subfolders, sorted); each must have training images."""
   classes = tuple(splits["train"])
   if empty := [c for c, paths in splits["train"].items() if not paths]:
     fields.fail("data.folder", f"class {empty[0]!r} has no images in {folder}/train/{empty[0]}; "
@@ -76,10 +95,16 @@ def read(folder: str | None, image_size: int) -> datasets.Dataset:
   if extra := [c for c in splits["test"] if c not in classes]:
     fields.fail("data.folder", f"test class {extra[0]!r} ({folder}/test/{extra[0]}) is not in "
                 f"{folder}/train; every test class needs training images")
+  return classes
 
-  # Headers only (Pillow reads the pixels lazily): one channel count, and one size
-  # unless resizing, before decoding anything.
-  paths = [p for split in splits.values() for ps in split.values() for p in ps]
+
+def _image_shape(paths: list[str], image_size: int) -> tuple[int, int, int]:
+  """(height, width, channels) every image is loaded at, from the files' headers alone.
+
+  Pillow reads the pixels lazily, so a damaged or unusable file, or (without
+  resizing) images of several sizes, are found before anything is decoded.
+  """
+  from PIL import Image
   sizes, grey = {}, True
   for p in paths:
     try:
@@ -96,24 +121,20 @@ def read(folder: str | None, image_size: int) -> datasets.Dataset:
     (a, pa), (b, pb) = list(sizes.items())[:2]
     fields.fail("data.image_size", f"the images differ in size ({pa}: {a[0]}x{a[1]}, {pb}: "
                 f"{b[0]}x{b[1]}); set data.image_size to resize them all when loading")
-  channels = 1 if grey else 3
   width, height = (image_size, image_size) if image_size else next(iter(sizes))
-  datasets.check_fits(datasets.planned_nbytes(len(paths), (height, width, channels)))
+  return height, width, 1 if grey else 3
 
-  def load(split):
-    pairs = [(p, k) for k, c in enumerate(classes) for p in splits[split].get(c, [])]
-    images = np.empty((len(pairs), height, width, channels), np.uint8)
-    for i, (p, _) in enumerate(pairs):
-      # The header read fine; the pixels may still be cut short or damaged.
-      try:
-        with Image.open(p) as image:
-          images[i] = datasets.image_array(_eight_bit(image), image_size, channels)
-      except (OSError, ValueError, SyntaxError) as e:
-        fields.fail("data.folder", f"cannot decode image {p}: {exits.one_line(e)}; replace "
-                    "or remove the file")
-    return images, np.array([k for _, k in pairs], np.int32)
 
-  train_images, train_labels = load("train")
-  test_images, test_labels = load("test")
-  return datasets.Dataset(train_images, train_labels, test_images, test_labels,
-                          num_classes=len(classes), pixel_max=255.0, class_names=classes)
+def _load(pairs: list[tuple[str, int]], shape: tuple[int, int, int], image_size: int):
+  """The decoded images (N, H, W, C) uint8 and labels (N,) int32 of (path, label) pairs."""
+  from PIL import Image
+  images = np.empty((len(pairs), *shape), np.uint8)
+  for i, (p, _) in enumerate(pairs):
+    # The header read fine; the pixels may still be cut short or damaged.
+    try:
+      with Image.open(p) as image:
+        images[i] = datasets.image_array(_eight_bit(image), image_size, shape[2])
+    except (OSError, ValueError, SyntaxError) as e:
+      fields.fail("data.folder", f"cannot decode image {p}: {exits.one_line(e)}; replace "
+                  "or remove the file")
+  return images, np.array([k for _, k in pairs], np.int32)

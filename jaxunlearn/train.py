@@ -8,9 +8,11 @@ non-finite loss. The rest lives in its own module:
 
   recipe.py         the step contract: Recipe, Phase, Stream, Inputs
   optimizers.py     Optimizer (SGD, Adam, AdamW as PyTorch's) and schedules
+  plan.py           a phase's steps, and each chunk's batches, keys and learning rates
   steps.py          the compiled programs (train chunk, sweep, edit) and Context
   device_data.py    the data on the mesh, batch drawing and gathering
   compile_cache.py  compiled programs by signature, and the compile-time clock
+  progress_bar.py   the progress bar of a run
   evaluate.py       prediction and metrics
 
 The names a method uses are re-exported here (`train.Phase`, `train.Optimizer`, ...).
@@ -22,19 +24,18 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from jaxunlearn import compile_cache, datasets, evaluate, optimizers, steps
+from jaxunlearn import compile_cache, datasets, evaluate, optimizers, plan, steps
 from jaxunlearn.device_data import (DeviceData, chunk_table, epoch_keys,  # noqa: F401
                                     make_mesh, stream_keys)
 from jaxunlearn.models.base import Model, model_state
 from jaxunlearn.optimizers import Optimizer
+from jaxunlearn.progress_bar import ProgressBar
 from jaxunlearn.recipe import Inputs, Objective, Phase, Recipe, Stream  # noqa: F401
 from jaxunlearn.steps import Context  # noqa: F401
 
@@ -64,14 +65,106 @@ class Stepper:
     return self.call()
 
 
-def _scalars(hparams: Mapping[str, float]) -> dict[str, np.float32]:
-  """Hyperparameters as float32 scalars: traced inputs of a compiled step, never constants."""
-  return {k: np.float32(v) for k, v in hparams.items()}
-
-
 def as_model(model) -> Model:
   """A `Model`, or a bare stateless Linen module (its `image_size`, if any, is its input side)."""
   return model if isinstance(model, Model) else Model(model, getattr(model, "image_size", None))
+
+
+def _steps_per_optimizer(phases: list[Phase], counts: list[int], desc: str) -> dict[str, int]:
+  """{optimizer name: its steps in the run}; phases naming one optimizer must agree on it."""
+  per_opt: dict[str, int] = {}
+  for p, n in zip(phases, counts):
+    per_opt[p.optimizer.name] = per_opt.get(p.optimizer.name, 0) + n
+    if any(q.optimizer.name == p.optimizer.name and q.optimizer != p.optimizer for q in phases):
+      raise ValueError(f"{desc}: phases share optimizer {p.optimizer.name!r} with different settings")
+  return per_opt
+
+
+class _LossLog:
+  """A run's losses, read one chunk behind the device so the host never stalls it, checked for
+  divergence and shown on the progress bar."""
+
+  def __init__(self, losses: list[float], bar: ProgressBar):
+    self.log = {"loss": losses}
+    self.bar = bar
+    self._pending = None  # the last chunk launched: (metrics, active steps, first step, phase)
+
+  def follow(self, metrics, n_active: int, first_step: int, phase: str) -> None:
+    """Logs the previous chunk (its metrics are ready while this one runs), then awaits this one."""
+    self.flush()
+    self._pending = (metrics, n_active, first_step, phase)
+
+  def flush(self) -> None:
+    """Logs the chunk still awaited, if any."""
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      self._report(*pending)
+
+  def _report(self, metrics, n_active: int, first_step: int, phase: str) -> None:
+    """Logs a finished chunk's losses and moves the bar; raises `Diverged` on a non-finite one."""
+    m = jax.device_get(metrics)
+    losses_K = np.asarray(m["loss"])[:n_active]
+    bad = np.flatnonzero(~np.isfinite(losses_K))
+    if len(bad) or not m["params_finite"]:
+      step = first_step + (int(bad[0]) if len(bad) else n_active - 1)
+      what = f"loss {losses_K[bad[0]]}" if len(bad) else "non-finite parameters"
+      raise Diverged(f"{phase}: {what} at step {step}; lower the learning rate or the "
+                     "number of epochs", step=step, phase=phase)
+    self.log["loss"].extend(float(v) for v in losses_K)
+    self.bar.advance(losses_K, int(np.sum(np.asarray(m["examples"])[:n_active])))
+
+
+class _RunContext:
+  """Where one `Trainer.run` stands (from the start or a snapshot), its arrays between phases,
+  the steps each optimizer has taken, and its snapshots; `losses` logs its chunks."""
+
+  def __init__(self, trainer: Trainer, phases: list[Phase], variables, desc: str, *,
+               bar_position: int, snapshots, resume: dict | None):
+    self.phases, self.desc, self.snapshots = phases, desc, snapshots
+    # The run's step count and each optimizer's, for progress and learning-rate schedules.
+    self.counts = [trainer.steps_in(p) for p in phases]
+    self.total = sum(self.counts)
+    self.per_opt = _steps_per_optimizer(phases, self.counts, desc)
+    self.params, self.state = variables["params"], model_state(variables)
+    self.opt_states: dict[str, Any] = {}  # by optimizer name; the running phase's is out
+    self.start = (0, 0)  # (phase, its steps done) the run starts from
+    if resume:
+      self.start = (resume["phase"], resume["step"])
+      arrays = resume["arrays"]
+      self.params, self.state = arrays["params"], arrays["model_state"]
+      self.opt_states = dict(arrays["opt"])
+    self.opt_done = dict.fromkeys(self.per_opt, 0)  # steps each optimizer has taken
+    for p, n in zip(phases[:self.start[0]], self.counts[:self.start[0]]):
+      self.opt_done[p.optimizer.name] += n
+    self.done = sum(self.counts[:self.start[0]])  # steps of the run before the current phase
+    losses = list(resume["loss"]) if resume else []
+    self.losses = _LossLog(losses, ProgressBar(
+        self.total, initial=len(losses), desc=desc, enabled=trainer.progress and bool(phases),
+        position=bar_position))
+
+  def variables(self):
+    """The run's variables ({"params", ...model state}) after its last finished phase."""
+    return {"params": self.params, **self.state}
+
+  def snapshot_if_due(self, p_i: int, step: int, train_state) -> None:
+    """Saves a snapshot before phase `p_i`'s chunk from `step` when one is due (never where the
+    run started)."""
+    if self.snapshots is None or (p_i, step) == self.start or not self.snapshots.due():
+      return
+    self.losses.flush()  # the log must hold every step before the snapshot
+    name = self.phases[p_i].optimizer.name
+    self.snapshots.save({"phase": p_i, "step": step},
+                        {"params": train_state["params"], "model_state": train_state["model_state"],
+                         "opt": {**self.opt_states, name: train_state["opt"]}}, self.losses.log)
+
+  def end_phase(self, p_i: int, train_state) -> None:
+    """Logs phase `p_i`'s last chunk, takes back its final state and counts its steps as done."""
+    self.losses.flush()
+    name, n = self.phases[p_i].optimizer.name, self.counts[p_i]
+    self.params, self.state = train_state["params"], train_state["model_state"]
+    self.opt_states[name] = train_state["opt"]
+    self.opt_done[name] += n
+    self.done += n
 
 
 class Trainer:
@@ -122,15 +215,10 @@ class Trainer:
   # ---- planning ----
 
   def stream_batch(self, stream: Stream) -> int:
-    return stream.batch_size or self.batch_size
+    return plan.stream_batch(stream, self.batch_size)
 
   def steps_in(self, phase: Phase) -> int:
-    drivers = [s for s in phase.streams.values() if s.epochs is not None]
-    if len(drivers) != 1:
-      raise ValueError(f"phase {phase.name!r} needs exactly one stream with epochs set")
-    s = drivers[0]
-    steps_ = s.epochs * -(-int(self.pools[s.pool].shape[0]) // self.stream_batch(s))
-    return min(steps_, s.max_steps) if s.max_steps is not None else steps_
+    return plan.steps_in(phase, self.pools, self.batch_size)
 
   def new_state(self, params, optimizer: Optimizer):
     """A fresh optimizer state for `params`, replicated."""
@@ -139,38 +227,11 @@ class Trainer:
                                  **optimizer.hyperparams())
     return self.place(opt_state)
 
-  def _plan(self, phase: Phase, rng, *, num_steps: int, start: int, first_step: int,
-            total_steps: int, lr_steps: tuple[int, int]):
-    """What a phase's chunks need: static key, traced args, per-chunk inputs.
-
-    Returns (static, args, chunk_xs) with chunk_xs(c) the scanned inputs of chunk c,
-    which runs the phase's steps from start + c * steps_per_chunk on (`start`: the
-    steps of the phase already done, on resume). Every step's batch, key and
-    learning rate follow from its number alone, whatever the chunk size.
-    `lr_steps` = (steps its optimizer has taken, steps it takes in the run).
-    """
-    K, opt = self.steps_per_chunk, phase.optimizer
-    num_chunks = max(1, -(-(num_steps - start) // K))
-    streams = {}  # batch key -> (table program, epoch keys, pool)
-    for s_i, (name, s) in enumerate(sorted(phase.streams.items())):
-      pool, bs = self.pools[s.pool], self.stream_batch(s)
-      keys = stream_keys(jax.random.fold_in(rng, s_i), int(pool.shape[0]), batch_size=bs,
-                         num_steps=num_steps, chunk=K)
-      streams[name] = (self.data.table(bs), keys, pool)
-    all_steps = start + np.arange(num_chunks * K)
-    active = (all_steps < num_steps).reshape(num_chunks, K)
-    lr = opt.learning_rates(lr_steps[0] + all_steps, lr_steps[1]).reshape(num_chunks, K)
-    step_no = (first_step + all_steps).astype(np.int32).reshape(num_chunks, K)
-    args = self.place(dict(
-        key=jax.random.fold_in(rng, 1 << 20), num_steps=np.int32(total_steps),
-        sign=np.float32(phase.sign), opt_hp=opt.hyperparams(), hp=_scalars(phase.hparams)))
-
-    def chunk_xs(c):
-      tables = {name: self.compiled(table, (), keys, pool, np.int32(start + c * K),
-                                    np.int32(num_steps))
-                for name, (table, keys, pool) in streams.items()}
-      return dict(active=active[c], lr=lr[c], step=step_no[c], streams=tables)
-
+  def _plan(self, phase: Phase, rng, **kwargs):
+    """What a phase's chunks need: (static key, traced args, chunk_xs), as `plan.chunk_inputs`
+    takes `kwargs` (the phase's steps and where it starts)."""
+    args, chunk_xs = plan.chunk_inputs(self.data, self.compiled, phase, rng,
+                                       batch_size=self.batch_size, **kwargs)
     return self.chunk_static(phase), args, chunk_xs
 
   def chunk_static(self, phase: Phase) -> tuple:
@@ -212,95 +273,50 @@ class Trainer:
     compile_before = self.compile_seconds()
     variables = self.data.copy(variables)  # the chunks donate their state; the caller keeps its own
     inputs = self.prepare(recipe, variables)  # from the stage's start: deterministic on resume too
-    log = {"loss": list(resume["loss"]) if resume else []}
-    phases = recipe.phases
-    # The run's step count and each optimizer's, for progress and learning-rate schedules.
-    counts = [self.steps_in(p) for p in phases]
-    per_opt: dict[str, int] = {}
-    for p, n in zip(phases, counts):
-      per_opt[p.optimizer.name] = per_opt.get(p.optimizer.name, 0) + n
-      if any(q.optimizer.name == p.optimizer.name and q.optimizer != p.optimizer for q in phases):
-        raise ValueError(f"{desc}: phases share optimizer {p.optimizer.name!r} with different settings")
-    params, state = variables["params"], model_state(variables)
-    opt_states: dict[str, Any] = {}
-    start_phase, start_step = 0, 0
-    if resume:
-      start_phase, start_step = resume["phase"], resume["step"]
-      arrays = resume["arrays"]
-      params, state, opt_states = arrays["params"], arrays["model_state"], dict(arrays["opt"])
-    opt_done = dict.fromkeys(per_opt, 0)
-    for p, n in zip(phases[:start_phase], counts[:start_phase]):
-      opt_done[p.optimizer.name] += n
-    done, K = sum(counts[:start_phase]), self.steps_per_chunk
-    bar = tqdm(total=sum(counts), initial=len(log["loss"]), desc=desc,
-               disable=not self.progress or not phases, unit="step", dynamic_ncols=True,
-               leave=True, position=bar_position)
-    t0, seen = time.perf_counter(), 0
-    for p_i, (phase, num_steps) in enumerate(zip(phases, counts)):
-      if p_i < start_phase:
-        continue
-      opt = phase.optimizer
-      if opt.name not in opt_states:
-        opt_states[opt.name] = self.new_state(params, opt)
-      train_state = dict(params=params, model_state=state, opt=opt_states.pop(opt.name))
-      first = start_step if p_i == start_phase else 0  # the phase's steps done
-      static, args, chunk_xs = self._plan(
-          phase, jax.random.fold_in(rng, p_i), num_steps=num_steps, start=first,
-          first_step=done, total_steps=sum(counts),
-          lr_steps=(opt_done[opt.name], per_opt[opt.name]))
-      num_chunks = -(-(num_steps - first) // K)
-      if len(phases) > 1:
-        bar.set_description(f"{desc}/{phase.name}")
-      pending = None
-      for c in range(num_chunks + 1):
-        step = first + c * K  # the chunk's first step in the phase
-        if self.cancel.is_set():
-          raise Cancelled(f"{desc}: stopped because another stage failed")
-        if (snapshots is not None and c < num_chunks and (p_i, step) != (start_phase, start_step)
-            and snapshots.due()):
-          if pending is not None:  # the log must hold every step before the snapshot
-            seen += self._report(pending, bar, phase, log, t0, seen)
-            pending = None
-          snapshots.save({"phase": p_i, "step": step},
-                         {"params": train_state["params"], "model_state": train_state["model_state"],
-                          "opt": {**opt_states, opt.name: train_state["opt"]}}, log)
-        if c < num_chunks:
-          train_state, metrics = self._chunk(static, train_state, inputs, args, chunk_xs(c))
-        # Read the previous chunk's metrics while this one runs: no host stall.
-        if pending is not None:
-          seen += self._report(pending, bar, phase, log, t0, seen)
-        pending = (metrics, min(K, num_steps - step), done + step) if c < num_chunks else None
-      params, state = train_state["params"], train_state["model_state"]
-      opt_states[opt.name] = train_state["opt"]
-      opt_done[opt.name] += num_steps
-      done += num_steps
-    bar.close()
-    variables = {"params": params, **state}
-    if recipe.edit is not None:
-      hp = self.place(_scalars(recipe.edit_hparams))
-      variables = self.compiled(self._edit_jit, (self.env, recipe.edit), variables, inputs, hp)
-      if not steps._finite(variables["params"]):
-        raise Diverged(f"{desc}: non-finite parameters after its edit", step=done, phase="edit")
+    run = _RunContext(self, recipe.phases, variables, desc, bar_position=bar_position,
+                      snapshots=snapshots, resume=resume)
+    for p_i in range(run.start[0], len(recipe.phases)):
+      self._run_phase(run, p_i, rng, inputs)
+    run.losses.bar.close()
+    variables = self._edit(recipe, run.variables(), inputs, desc, step=run.done)
+    log = run.losses.log
     log["compile_seconds"] = self.compile_seconds() - compile_before
     return variables, log
 
-  def _report(self, pending, bar, phase, log, t0, seen):
-    """Logs a finished chunk's losses (raises `Diverged` on a non-finite one); returns its examples."""
-    metrics, n_active, first_step = pending
-    m = jax.device_get(metrics)
-    losses_K = np.asarray(m["loss"])[:n_active]
-    bad = np.flatnonzero(~np.isfinite(losses_K))
-    if len(bad) or not m["params_finite"]:
-      step = first_step + (int(bad[0]) if len(bad) else n_active - 1)
-      what = f"loss {losses_K[bad[0]]}" if len(bad) else "non-finite parameters"
-      raise Diverged(f"{phase.name}: {what} at step {step}; lower the learning rate or the "
-                     "number of epochs", step=step, phase=phase.name)
-    log["loss"].extend(float(v) for v in losses_K)
-    examples = int(np.sum(np.asarray(m["examples"])[:n_active]))
-    rate = (seen + examples) / max(time.perf_counter() - t0, 1e-9)
-    bar.update(len(losses_K))
-    bar.set_postfix(loss=f"{losses_K.mean():.4f}", ex_per_s=f"{rate:,.0f}")
-    return examples
+  def _run_phase(self, run: _RunContext, p_i: int, rng: jax.Array, inputs: Inputs) -> None:
+    """Runs phase `p_i` chunk by chunk from where `run` stands; leaves its end state in `run`."""
+    phase, num_steps, K = run.phases[p_i], run.counts[p_i], self.steps_per_chunk
+    opt = phase.optimizer
+    if opt.name not in run.opt_states:
+      run.opt_states[opt.name] = self.new_state(run.params, opt)
+    train_state = dict(params=run.params, model_state=run.state, opt=run.opt_states.pop(opt.name))
+    first = run.start[1] if p_i == run.start[0] else 0  # the phase's steps done
+    static, args, chunk_xs = self._plan(
+        phase, jax.random.fold_in(rng, p_i), num_steps=num_steps, start=first,
+        first_step=run.done, total_steps=run.total,
+        lr_steps=(run.opt_done[opt.name], run.per_opt[opt.name]))
+    num_chunks = -(-(num_steps - first) // K)
+    if len(run.phases) > 1:
+      run.losses.bar.phase(phase.name)
+    for c in range(num_chunks + 1):
+      if self.cancel.is_set():
+        raise Cancelled(f"{run.desc}: stopped because another stage failed")
+      if c < num_chunks:
+        step = first + c * K  # the chunk's first step in the phase
+        run.snapshot_if_due(p_i, step, train_state)
+        train_state, metrics = self._chunk(static, train_state, inputs, args, chunk_xs(c))
+        run.losses.follow(metrics, min(K, num_steps - step), run.done + step, phase.name)
+    run.end_phase(p_i, train_state)
+
+  def _edit(self, recipe: Recipe, variables, inputs: Inputs, desc: str, *, step: int):
+    """`variables` after the recipe's edit program, if it has one (it runs after the phases)."""
+    if recipe.edit is None:
+      return variables
+    hp = self.place(plan.scalars(recipe.edit_hparams))
+    variables = self.compiled(self._edit_jit, (self.env, recipe.edit), variables, inputs, hp)
+    if not steps._finite(variables["params"]):
+      raise Diverged(f"{desc}: non-finite parameters after its edit", step=step, phase="edit")
+    return variables
 
   def snapshot_template(self, variables, optimizers_by_name: dict[str, Optimizer]):
     """Abstract arrays (shapes, dtypes, shardings) of a snapshot, to restore one."""
@@ -348,7 +364,7 @@ class Trainer:
     array (zeros outside the pool), and each total summed over the batches.
     """
     inputs = self.place(inputs or Inputs())
-    hp = self.place(_scalars(hparams or {}))
+    hp = self.place(plan.scalars(hparams or {}))
     pool_N = self.pools[pool]
     static = (self.env, fn, int(pool_N.shape[0]), batch_size or self.batch_size)
     return self.compiled(self._sweep_jit, static, variables, self.train, pool_N, inputs, hp)
