@@ -26,7 +26,9 @@ nothing fills in the rest (jax reads no JAX_NUM_PROCESSES / JAX_PROCESS_ID).
 Once joined, and before any work or file, the processes compare their configs
 (`check_same_config`): every field but the per-process ones (`LOCAL_FIELDS`) must
 be equal, else every process stops with the same line naming the first field that
-differs. Processes that ran different configs would write one mixed workdir.
+differs, after all have left the cluster together at JAX's shutdown barrier (so the
+coordinator's exit cannot cut the others off mid-report). Processes that ran
+different configs would write one mixed workdir.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ _UNSET = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
 _ALIVE = "jaxunlearn/alive/"  # + process id: that process's sign-of-life counter, or "exit"
 _CONFIG = "jaxunlearn/config/"  # + call/process id: that process's config (`check_same_config`)
 _calls = itertools.count()  # one key per call: a process may run several studies in a row
+_leave_hooks = []  # stops this process's watchdog (`_watch_peers`) before it leaves the cluster
 # Config fields (and sections: ".*") each process may set for itself: none changes a result.
 LOCAL_FIELDS = ("progress", "compilation_cache", "cluster.*")
 
@@ -297,17 +300,27 @@ def check_same_config(config, timeout: int) -> None:
     except Exception as e:  # it stopped before comparing
       raise RuntimeError(f"multi-host: process {p} did not share its config within {timeout} s "
                          f"(config.cluster.timeout_seconds): {_first_line(e)}") from None
-  client.key_value_set(f"{prefix}read/{me}", "1")
   difference = first_difference(configs)
   if difference is not None:
-    if me == 0:  # the coordinator's exit ends the others' connection: let them read first
-      for p in range(1, n):
-        try:
-          client.blocking_key_value_get(f"{prefix}read/{p}", timeout * 1000)
-        except Exception:  # it is gone already; it gives its own line
-          pass
+    # Every process reached the same verdict; all leave the cluster together before any
+    # reports it. Otherwise the coordinator's exit ends the others' connection while they
+    # are still reporting, and JAX aborts them with a stack dump in place of this line.
+    _leave_cluster()
     raise ValueError(f"multi-host: {difference}; start every process with the same config "
                      f"(only {', '.join(LOCAL_FIELDS[:-1])} and {LOCAL_FIELDS[-1]} may differ)")
+
+
+def _leave_cluster() -> None:
+  """Stops the watchdog, then leaves the cluster at JAX's shutdown barrier (every process
+  waits there for the others, up to config.cluster.timeout_seconds)."""
+  while _leave_hooks:
+    leave = _leave_hooks.pop()
+    atexit.unregister(leave)
+    leave()
+  try:
+    jax.distributed.shutdown()
+  except Exception:  # a process already gone: it gives its own line, as this one will
+    pass
 
 
 def _watch_peers(timeout: int) -> None:
@@ -352,6 +365,7 @@ def _watch_peers(timeout: int) -> None:
       pass
 
   atexit.register(leave)
+  _leave_hooks.append(leave)
 
 
 def _exit(message: str) -> None:

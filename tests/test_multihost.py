@@ -231,6 +231,33 @@ def test_processes_with_different_configs_stop_with_one_line(tmp_path, differs, 
   assert not workdir.exists()  # nothing written: the workdir is not even made
 
 
+# Process 1 as `python -m jaxunlearn.main`, but slow to report its error (as a process the
+# scheduler sets aside): the coordinator must not exit while it is still reporting.
+SLOW_REPORTER = """
+import sys, time
+from jaxunlearn import exits, main
+report = exits.fail
+exits.fail = lambda e: (time.sleep(3), report(e))
+main.run()
+"""
+
+
+def test_a_process_slow_to_report_still_gives_its_one_line(tmp_path):
+  workdir = tmp_path / "w"
+  port = free_port()
+  argv = [command(workdir, "--config.distributed=true", "--config.cluster.timeout_seconds=60",
+                  f"--config.cluster.coordinator_address=127.0.0.1:{port}",
+                  "--config.cluster.num_processes=2", f"--config.cluster.process_id={i}",
+                  *(["--config.forget_class=3"] if i else [])) for i in range(2)]
+  argv[1][1:3] = ["-c", SLOW_REPORTER]  # in place of "-m jaxunlearn.main"
+  procs = [start(a, 2, f"{workdir}-{i}") for i, a in enumerate(argv)]
+  outs = wait(procs, timeout=240)
+  for p, (stdout, stderr) in zip(procs, outs):
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "process 1 has forget_class='3'" in errors[0], stderr[-3000:]
+    assert p.returncode == 2, stderr[-3000:]
+
+
 # ---- a run on two processes ----
 
 @pytest.mark.slow
