@@ -134,6 +134,11 @@ def time_methods(trainer: train.Trainer, names: list[str], base, variables, num_
   (`compiled_by`: chunk_key -> row) are built after the others, so that each
   compile is timed in the row that did it.
   """
+  if trainer.mesh.devices.size > 1:
+    # A multi-device program's collectives wait for one participant per device; two such
+    # programs started at once can each hold a thread the other needs (XLA's CPU client
+    # then aborts after 40 s: "Expected 2 threads to join the rendezvous"). One at a time.
+    threads = 1
   print(f"  jax {', '.join(names)}: prepare ...", flush=True)
   prepared = _parallel(lambda n: _prepare_method(trainer, n, base[n], variables), names, threads)
   rows, waves = {}, ([], [])

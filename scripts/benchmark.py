@@ -226,8 +226,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="measured steps of each method's step (whole calls: at least one)")
   p.add_argument("--compile_threads", type=int, default=1,
                  help="methods' rows compiled (and first called) this many at a time, then "
-                      "timed one by one. More is faster, but compile seconds then include "
-                      "waiting for the CPU, and a GPU's autotuning shares the device")
+                      "timed one by one (one device only: several devices' collectives "
+                      "could wait on each other). More is faster, but compile seconds then "
+                      "include waiting for the CPU, and a GPU's autotuning shares the device")
   p.add_argument("--warmup", type=int, default=1,
                  help="untimed calls after the first (CE step, PyTorch, evaluation)")
   p.add_argument("--steps_per_chunk", type=int, default=5, help="steps per compiled call")
