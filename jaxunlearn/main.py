@@ -74,7 +74,6 @@ def main(argv):
       print(f"config ok: methods {','.join(config_lib.method_names(config))}")
       return
     if FLAGS.check_inputs:
-      sizes.check_before_loading(config)
       from jaxunlearn import pipeline
       print(f"inputs ok: {pipeline.check_inputs(config)}")
       return

@@ -293,6 +293,7 @@ def check_inputs(config: ml_collections.ConfigDict) -> str:
   Returns what would run, in one line (the CLI's `--check_inputs`); raises as a run would."""
   config_lib.validate(config)
   config = search.with_tuned(config)
+  sizes.check_before_loading(config)  # as train_and_evaluate: before numpy or JAX allocate
   data = datasets.load(config.data)
   scene, _, variables = _checked(config, data)
   return (f"{config.data.name}: {scene.describe()} / {len(data.test_labels):,} test examples, "
@@ -373,6 +374,10 @@ class _Study:
     self.stages = list(modules)
     self.names = {m: module.DISPLAY_NAME for m, module in modules.items()}
     self.recipes = {m: stage_recipe(config, m) for m in modules}
+    # Examples through the model in each stage: the scheduling priorities.
+    self.cost = {m: sum(trainer.steps_in(p) * sum(trainer.stream_batch(s)
+                                                 for s in p.streams.values())
+                        for p in r.phases) for m, r in self.recipes.items()}
     self.tsne_idx = evaluate.tsne_indices(
         scene.forget_train, batch_size=config.batch_size, num_retain=config.tsne.num_retain,
         num_forget=config.tsne.num_forget, seed=config.seed)
@@ -392,12 +397,6 @@ class _Study:
     with threadpoolctl.threadpool_limits(limits=1 if self.workers > 1 else None, user_api="blas"):
       return scheduler.run_tasks(tasks, self.workers, self.trainer.cancel)
 
-  def _cost(self, name: str) -> int:
-    """Examples through the model in stage `name`: its scheduling priority."""
-    return sum(self.trainer.steps_in(p) * sum(self.trainer.stream_batch(s)
-                                              for s in p.streams.values())
-               for p in self.recipes[name].phases)
-
   def _stage_task(self, name: str) -> scheduler.Task:
     parent = None if name in methods.TRAINING else "original"
 
@@ -407,8 +406,8 @@ class _Study:
         return _stage(self.trainer, self.workdir, self.abstract, name, start, self.recipes[name],
                       stage_key(self.key, name), self.inputs[f"stage/{name}"], self.config,
                       bar_position=slot)
-    longest_method = max([self._cost(m) for m in self.method_names] or [0])
-    priority = self._cost(name) + (longest_method if name == "original" else 0)
+    longest_method = max([self.cost[m] for m in self.method_names] or [0])
+    priority = self.cost[name] + (longest_method if name == "original" else 0)
     return scheduler.Task(fn, deps=() if parent is None else (parent,), priority=priority)
 
   def _eval_task(self, name: str) -> scheduler.Task:

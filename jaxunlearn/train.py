@@ -298,15 +298,18 @@ class Trainer:
     num_chunks = -(-(num_steps - first) // K)
     if len(run.phases) > 1:
       run.losses.bar.phase(phase.name)
-    for c in range(num_chunks + 1):
-      if self.cancel.is_set():
-        raise Cancelled(f"{run.desc}: stopped because another stage failed")
-      if c < num_chunks:
-        step = first + c * K  # the chunk's first step in the phase
-        run.snapshot_if_due(p_i, step, train_state)
-        train_state, metrics = self._chunk(static, train_state, inputs, args, chunk_xs(c))
-        run.losses.follow(metrics, min(K, num_steps - step), run.done + step, phase.name)
+    for c in range(num_chunks):
+      self._stop_if_cancelled(run.desc)
+      step = first + c * K  # the chunk's first step in the phase
+      run.snapshot_if_due(p_i, step, train_state)
+      train_state, metrics = self._chunk(static, train_state, inputs, args, chunk_xs(c))
+      run.losses.follow(metrics, min(K, num_steps - step), run.done + step, phase.name)
+    self._stop_if_cancelled(run.desc)  # before its last chunk's losses are read
     run.end_phase(p_i, train_state)
+
+  def _stop_if_cancelled(self, desc: str) -> None:
+    if self.cancel.is_set():
+      raise Cancelled(f"{desc}: stopped because another stage failed")
 
   def _edit(self, recipe: Recipe, variables, inputs: Inputs, desc: str, *, step: int):
     """`variables` after the recipe's edit program, if it has one (it runs after the phases)."""
